@@ -1,0 +1,179 @@
+"""The listener: a Sanic app whose routes come from the catalog.
+
+Per request: take the current snapshot, read the model name, check the model exists and
+has the route's group enabled, check the body size, rewrite the model name if the backend
+serves it under another, and hand over to the relay. Everything else was done at load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from sanic import HTTPResponse, Request, Sanic
+from sanic.exceptions import SanicException
+
+from router.catalog import PROXIED, ModelSource, Route, StreamFormat
+from router.errors import (
+    ClientError,
+    EndpointNotEnabled,
+    InternalError,
+    MethodNotAllowed,
+    ModelNotFound,
+    PayloadTooLarge,
+    RouteNotFound,
+    RouterError,
+)
+from router.model_field import (
+    model_from_form,
+    model_from_json,
+    rewrite_form_model,
+    rewrite_json_model,
+)
+from router.relay import forward
+from router.reload import ConfigHolder
+from router.settings import Settings
+
+log = logging.getLogger("routeyard")
+JSON = "application/json"
+Handler = Callable[[Request], Awaitable[HTTPResponse | None]]
+
+
+class State:
+    """What the handlers share in one worker; ``holder`` is set at server start."""
+
+    holder: ConfigHolder
+
+
+def create_app(settings: Settings | None = None) -> Sanic:
+    settings = settings or Settings()
+    app = Sanic("routeyard", configure_logging=False)
+    app.config.update(
+        REQUEST_MAX_SIZE=settings.max_request_size,
+        REQUEST_TIMEOUT=settings.request_timeout,
+        RESPONSE_TIMEOUT=10 * 365 * 86400,  # generations end when the engine says so
+        KEEP_ALIVE_TIMEOUT=settings.keep_alive_timeout,
+        GRACEFUL_SHUTDOWN_TIMEOUT=settings.graceful_shutdown,
+        ACCESS_LOG=False,
+        FALLBACK_ERROR_FORMAT="json",
+        TOUCHUP=True,
+    )
+    state = State()
+    app.ctx.state = state
+
+    @app.before_server_start
+    async def load_config(app: Sanic) -> None:
+        state.holder = ConfigHolder(settings.config)
+        state.holder.install_sighup(app.loop)
+        if settings.watch:
+            app.add_task(state.holder.watch(), name="routeyard.watch")
+
+    @app.after_server_stop
+    async def close_pools(app: Sanic) -> None:
+        state.holder.close()
+
+    @app.main_process_ready
+    async def forward_sighup(app: Sanic) -> None:
+        # With --workers N the manager process gets SIGHUP; every worker must reload.
+        def _forward(signum: int, _frame: object) -> None:
+            for process in app.manager.transient_processes:
+                if process.pid:
+                    os.kill(process.pid, signum)
+
+        signal.signal(signal.SIGHUP, _forward)
+
+    for route in PROXIED:
+        handler = _proxy_handler(route, state)
+        for path in route.paths:
+            app.add_route(handler, path, methods=[route.method], name=_name(path))
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> HTTPResponse:
+        return HTTPResponse(state.holder.current.models_body, content_type=JSON)
+
+    @app.get("/health")
+    async def health(request: Request) -> HTTPResponse:
+        return HTTPResponse(b'{"status":"ok"}', content_type=JSON)
+
+    @app.get("/ready")
+    async def ready(request: Request) -> HTTPResponse:
+        return HTTPResponse(b'{"status":"ready"}', content_type=JSON)
+
+    @app.get("/admin/config")
+    async def admin_config(request: Request) -> HTTPResponse:
+        holder = state.holder
+        body = {
+            **holder.current.summary(),
+            "reloads": holder.reloads,
+            "last_error": holder.last_error,
+        }
+        return HTTPResponse(orjson.dumps(body), content_type=JSON)
+
+    app.error_handler.add(Exception, _error_response)
+    return app
+
+
+def _name(path: str) -> str:
+    return "proxy" + path.replace("/", "_").replace("-", "_")
+
+
+def _proxy_handler(route: Route, state: State) -> Handler:
+    """A handler bound to one catalog route: its group and model source are constants."""
+    group = route.group
+    assert group is not None
+    from_form = route.model is ModelSource.FORM
+    sse_errors = route.stream is StreamFormat.DATA_DONE
+
+    async def proxy(request: Request) -> HTTPResponse | None:
+        snapshot = state.holder.current
+        body = request.body
+        if from_form:
+            name = model_from_form(request.form.get("model") if request.form else None)
+        else:
+            name = model_from_json(body)
+        model = snapshot.models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        if group not in model.groups:
+            raise EndpointNotEnabled(name, group, request.path, model.enabled)
+        if len(body) > model.max_body_size:
+            raise PayloadTooLarge(
+                f"The request body is {len(body)} bytes; model `{name}` accepts at most "
+                f"{model.max_body_size} (max_body_size in routes.yaml)."
+            )
+        if model.backend_model:
+            rewrite = rewrite_form_model if from_form else rewrite_json_model
+            body = rewrite(body, model.backend_model)
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        return await forward(request, model, body, request_id, sse_errors)
+
+    return proxy
+
+
+def _error_response(request: Request, exc: Exception) -> HTTPResponse:
+    """Every router-made error, in OpenAI's envelope; never a stack trace."""
+    if not isinstance(exc, RouterError):
+        exc = _translate(request, exc)
+    headers = {"x-request-id": request.headers.get("x-request-id") or uuid.uuid4().hex}
+    headers.update(exc.headers)
+    return HTTPResponse(exc.body(), exc.status, headers, content_type=JSON)
+
+
+def _translate(request: Request, exc: Exception) -> RouterError:
+    status = getattr(exc, "status_code", 500) if isinstance(exc, SanicException) else 500
+    if status == 404:
+        return RouteNotFound(f"No route for {request.method} {request.path}.")
+    if status == 405:
+        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+    if status == 413:
+        return PayloadTooLarge("The request body is larger than this router accepts.")
+    if 400 <= status < 500:
+        error = ClientError(str(exc) or "Bad request.")
+        error.status = status
+        return error
+    log.exception("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return InternalError("The router failed to handle this request; see its logs.")

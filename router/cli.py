@@ -1,0 +1,177 @@
+"""The ``routeyard`` command: serve, check, fake-engine, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from functools import partial
+
+from router.config import ConfigError, load_file
+from router.settings import Settings
+
+DEMO_ENGINES = (
+    # (public model name, fake-engine task, port offset, endpoint groups)
+    ("demo-chat", "generate", 1, "[chat, completions, responses, messages, tokenize]"),
+    ("demo-embed", "embed", 2, "[embeddings, pooling, tokenize]"),
+    ("demo-rerank", "score", 3, "[rerank, score, classify, pooling, tokenize]"),
+    ("demo-whisper", "transcription", 4, "[transcription, translation]"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="routeyard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the router")
+    serve.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG)")
+    serve.add_argument("--host", help="listen address (env ROUTEYARD_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (env ROUTEYARD_PORT, default 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes (env ROUTEYARD_WORKERS)")
+
+    check = sub.add_parser("check", help="validate a routes file without serving")
+    check.add_argument("file")
+
+    fake = sub.add_parser("fake-engine", help="run a fake vLLM engine for tests and demos")
+    fake.add_argument("--model", action="append", required=True, help="served model name")
+    fake.add_argument("--task", required=True,
+                      choices=["generate", "embed", "score", "transcription"])
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, required=True)
+    fake.add_argument("--latency-ms", type=float, default=0.0)
+    fake.add_argument("--token-delay-ms", type=float, default=0.0)
+    fake.add_argument("--tokens", type=int, default=8)
+
+    demo = sub.add_parser("demo", help="fake engines plus the router on a built-in config")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--engine-base-port", type=int, default=8100)
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        overrides = {k: v for k in ("config", "host", "port", "workers")
+                     if (v := getattr(args, k)) is not None}
+        return serve_command(Settings(**overrides))
+    if args.command == "check":
+        return check_command(args.file)
+    if args.command == "fake-engine":
+        from router.fake_engine import run
+
+        run(args.model, args.task, args.host, args.port, latency_ms=args.latency_ms,
+            token_delay_ms=args.token_delay_ms, tokens=args.tokens)
+        return 0
+    return demo_command(args.host, args.port, args.engine_base_port)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def serve_command(settings: Settings) -> int:
+    from sanic import Sanic
+    from sanic.worker.loader import AppLoader
+
+    from router.app import create_app
+
+    _setup_logging(settings.log_level)
+    try:
+        config = load_file(settings.config)
+    except ConfigError as exc:
+        print(f"routeyard: {exc}", file=sys.stderr)
+        return 1
+    logging.getLogger("routeyard").info(
+        "serving %d models from %s on %s:%d with %d worker(s)",
+        len(config.models), settings.config, settings.host, settings.port, settings.workers,
+    )
+    loader = AppLoader(factory=partial(create_app, settings))
+    app = loader.load()
+    app.prepare(
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        single_process=settings.workers == 1,
+        access_log=False,
+        motd=False,
+    )
+    Sanic.serve(primary=app, app_loader=loader)
+    return 0
+
+
+def check_command(path: str) -> int:
+    try:
+        config = load_file(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name, model in config.models.items():
+        backends = ", ".join(b.url for b in model.backends)
+        rename = f" (backend name {model.backend_model})" if model.backend_model else ""
+        print(f"{name}{rename}: {len(model.backends)} backend(s) [{backends}]; "
+              f"endpoints: {', '.join(sorted(model.endpoints))}")
+    print(f"ok: {len(config.models)} model(s), sha256 {config.sha256[:12]}")
+    return 0
+
+
+def demo_routes(base_port: int) -> str:
+    lines = ["models:"]
+    for name, _task, offset, groups in DEMO_ENGINES:
+        url = f"http://127.0.0.1:{base_port + offset}"
+        lines += [f"  {name}:", "    backends:", f"      - url: {url}", f"    endpoints: {groups}"]
+    # A public name served by the engine under another name (the model is rewritten).
+    lines += ["  demo-score:", "    backends:", f"      - url: http://127.0.0.1:{base_port + 3}",
+              "    backend_model: demo-rerank", "    endpoints: [score]"]
+    return "\n".join(lines) + "\n"
+
+
+def demo_command(host: str, port: int, base_port: int) -> int:
+    """Start four fake engines and the router in front of them, until Ctrl-C."""
+    engines = []
+    try:
+        for name, task, offset, _groups in DEMO_ENGINES:
+            engines.append(subprocess.Popen([
+                sys.executable, "-m", "router.cli", "fake-engine", "--model", name,
+                "--task", task, "--host", "127.0.0.1", "--port", str(base_port + offset),
+                "--token-delay-ms", "20",
+            ]))
+        for _name, _task, offset, _groups in DEMO_ENGINES:
+            _wait_healthy(f"http://127.0.0.1:{base_port + offset}/health", 30)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(demo_routes(base_port))
+        print(f"routeyard demo: router on http://{host}:{port}/v1 (routes file {f.name})\n"
+              f"  models: {', '.join([e[0] for e in DEMO_ENGINES] + ['demo-score'])}\n"
+              f"  try: curl http://{host}:{port}/v1/chat/completions -H 'content-type: "
+              f"application/json' -d '{{\"model\":\"demo-chat\",\"messages\":"
+              f"[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'", flush=True)
+        return serve_command(Settings(config=f.name, host=host, port=port, workers=1))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in engines:
+            proc.terminate()
+        for proc in engines:
+            proc.wait(10)
+
+
+def _wait_healthy(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"routeyard demo: {url} did not become healthy") from None
+            time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""routes.yaml → a validated, frozen ``RoutesConfig``.
+
+Parsing uses ruamel.yaml (it keeps line and column of every key and item); validation uses
+pydantic. Any problem becomes a ``ConfigError`` that names the file, line and column, so
+``routeyard check`` and a refused hot reload both point at the exact spot to fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from router.catalog import GROUPS
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_UNITS = {
+    None: 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
+    "gb": 1000**3, "gib": 1024**3,
+}
+
+
+def _parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``500ms``, ``30s``, ``5m``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s or 500ms")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 500ms or 5m")
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than zero")
+    return seconds
+
+
+def _parse_size(value: Any) -> int:
+    """Bytes from a number or a string such as ``10MiB``, ``512KB``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10MiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a size; write e.g. 10MiB, 512KB or 1048576")
+        size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()])
+    if size <= 0:
+        raise ValueError("a size must be greater than zero")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration)]
+Size = Annotated[int, BeforeValidator(_parse_size)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Strict):
+    """Per-request upstream timeouts. None of them bounds a whole (long) generation."""
+
+    connect: Duration = 5.0
+    first_byte: Duration = 600.0
+    idle: Duration = 300.0
+
+
+class TimeoutsOverride(_Strict):
+    connect: Duration | None = None
+    first_byte: Duration | None = None
+    idle: Duration | None = None
+
+
+class Backend(_Strict):
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL; write e.g. http://10.0.0.7:8000")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{url!r}: a backend URL takes no query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"{url!r}: {exc}") from None
+        return url.rstrip("/")
+
+
+def _check_groups(groups: list[str]) -> list[str]:
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(
+            f"unknown endpoint group(s) {', '.join(unknown)}; known groups: {', '.join(GROUPS)}"
+        )
+    return groups
+
+
+Groups = Annotated[list[str], Field(min_length=1), AfterValidator(_check_groups)]
+
+
+class ModelSpec(_Strict):
+    backends: list[Backend] = Field(min_length=1)
+    endpoints: Groups | None = None
+    backend_model: str | None = Field(default=None, min_length=1)
+    timeouts: TimeoutsOverride | None = None
+    max_body_size: Size | None = None
+
+
+class Defaults(_Strict):
+    endpoints: Groups | None = None
+    timeouts: Timeouts = Timeouts()
+    max_body_size: Size = 32 * 1024 * 1024
+
+
+class RoutesFile(_Strict):
+    defaults: Defaults = Defaults()
+    models: dict[str, ModelSpec]
+
+
+class ModelConfig(_Strict):
+    """One model with the defaults applied: what the router acts on."""
+
+    name: str
+    backends: tuple[Backend, ...]
+    endpoints: frozenset[str]
+    backend_model: str | None
+    timeouts: Timeouts
+    max_body_size: int
+
+
+class RoutesConfig(_Strict):
+    models: dict[str, ModelConfig]
+    sha256: str
+    source: str
+
+
+class ConfigError(Exception):
+    """A routes file that cannot be used, with the place to fix it."""
+
+    def __init__(self, source: str, message: str, line: int | None = None, col: int | None = None):
+        self.source, self.message, self.line, self.col = source, message, line, col
+        where = source if line is None else f"{source}:{line}:{col or 1}"
+        super().__init__(f"{where}: {message}")
+
+
+def load_file(path: str | Path) -> RoutesConfig:
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the routes file: {exc.strerror}") from exc
+    return parse(text, str(path))
+
+
+def parse(text: bytes, source: str = "<routes>") -> RoutesConfig:
+    """Parse and validate routes.yaml content; raise ``ConfigError`` naming the line."""
+    try:
+        tree = YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        col = mark.column + 1 if mark else None
+        raise ConfigError(source, f"invalid YAML: {exc.problem or exc}", line, col) from exc
+    if not isinstance(tree, CommentedMap):
+        raise ConfigError(source, "the routes file must be a mapping with a `models:` key", 1, 1)
+    try:
+        routes = RoutesFile.model_validate(_plain(tree))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        line, col = _position(tree, first["loc"])
+        where = ".".join(str(p) for p in first["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(source, f"{where}: {msg}{more}", line, col) from exc
+    return _resolve(routes, tree, hashlib.sha256(text).hexdigest(), source)
+
+
+def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -> RoutesConfig:
+    d = routes.defaults
+    models = {}
+    for name, spec in routes.models.items():
+        override = spec.timeouts.model_dump(exclude_none=True) if spec.timeouts else {}
+        models[name] = ModelConfig(
+            name=name,
+            backends=tuple(spec.backends),
+            endpoints=frozenset(spec.endpoints or d.endpoints or ()),
+            backend_model=spec.backend_model,
+            timeouts=d.timeouts.model_copy(update=override),
+            max_body_size=spec.max_body_size or d.max_body_size,
+        )
+        if not models[name].endpoints:
+            raise ConfigError(
+                source,
+                f"models.{name}: no endpoints enabled; list them in `endpoints:` "
+                f"or in `defaults.endpoints:` (groups: {', '.join(GROUPS)})",
+                *_position(tree, ("models", name)),
+            )
+    return RoutesConfig(models=models, sha256=sha256, source=source)
+
+
+def _plain(node: Any) -> Any:
+    """ruamel's commented containers → plain dicts and lists, for pydantic."""
+    if isinstance(node, CommentedMap):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, CommentedSeq):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _position(tree: Any, loc: tuple[int | str, ...]) -> tuple[int | None, int | None]:
+    """Line and column (1-based) of the deepest node on ``loc`` that exists in the YAML."""
+    line = col = None
+    node = tree
+    for part in loc:
+        if isinstance(node, CommentedMap) and part in node:
+            line, col = node.lc.key(part)
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+            line, col = node.lc.item(part)
+            node = node[part]
+        else:
+            break
+    return (line + 1, col + 1) if line is not None else (1, 1)

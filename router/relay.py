@@ -1,0 +1,130 @@
+"""Relay one request to a backend and its response back, bytes unchanged.
+
+The request keeps its method, target (path and query, aliases included), end-to-end
+headers and body; the router adds ``x-request-id`` and ``x-forwarded-for`` and drops
+hop-by-hop headers. The response keeps status, content type and end-to-end headers. A
+small body of known length is sent in one piece; anything else, SSE above all, is relayed
+chunk by chunk as the backend sends it. When the client leaves, the handler is cancelled
+and the backend connection is aborted, so the engine stops generating.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from sanic import HTTPResponse, Request
+from sanic.compat import Header
+
+from router import upstream
+from router.cluster import Endpoint
+from router.errors import UpstreamError
+from router.snapshot import ModelEntry
+
+log = logging.getLogger("routeyard.relay")
+
+#: RFC 9110 §7.6.1 hop-by-hop headers, plus those the router sets itself.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host",
+    "content-length", "expect", "x-forwarded-for",
+})
+_RESPONSE_SKIP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
+    b"trailer", b"content-type", b"content-length",
+})
+#: Bodies of known length up to this size are read whole and sent in one write.
+SMALL_BODY = 1024 * 1024
+
+
+def build_head(request: Request, endpoint: Endpoint, body_length: int, request_id: str) -> bytes:
+    """The request line and headers for the backend, ending in the blank line."""
+    origin = endpoint.origin
+    parts = [
+        f"{request.method} {origin.base_path}{request.raw_url.decode('latin-1')} HTTP/1.1\r\n"
+        f"host: {origin.host_header.decode()}\r\ncontent-length: {body_length}\r\n"
+    ]
+    headers = request.headers
+    skip = HOP_BY_HOP
+    connection = headers.get("connection")
+    if connection:
+        skip = skip | {h.strip().lower() for h in connection.split(",")}
+    for name, value in headers.items():
+        if name not in skip:
+            parts.append(f"{name}: {value}\r\n")
+    if "x-request-id" not in headers:
+        parts.append(f"x-request-id: {request_id}\r\n")
+    forwarded = headers.get("x-forwarded-for")
+    client = request.conn_info.client_ip if request.conn_info else ""
+    parts.append(f"x-forwarded-for: {forwarded + ', ' if forwarded else ''}{client}\r\n\r\n")
+    return "".join(parts).encode("latin-1", "surrogateescape")
+
+
+async def forward(
+    request: Request, model: ModelEntry, body: bytes, request_id: str, sse_errors: bool
+) -> HTTPResponse | None:
+    """Send the request to one of the model's endpoints and relay the answer."""
+    endpoint = model.cluster.pick()
+    head = build_head(request, endpoint, len(body), request_id)
+    endpoint.in_flight += 1
+    try:
+        response = await upstream.request(
+            endpoint.pool,
+            head,
+            body,
+            connect_timeout=model.connect_timeout,
+            first_byte_timeout=model.first_byte_timeout,
+            idle_timeout=model.idle_timeout,
+        )
+        return await _relay(request, response, request_id, sse_errors)
+    finally:
+        endpoint.in_flight -= 1
+
+
+async def _relay(
+    request: Request, response: upstream.Response, request_id: str, sse_errors: bool
+) -> HTTPResponse | None:
+    content_type = None
+    length = -1
+    headers = Header()
+    for name, value in response.headers:
+        lname = name.lower()
+        if lname == b"content-type":
+            content_type = value.decode("latin-1")
+        elif lname == b"content-length":
+            length = int(value)
+        if lname not in _RESPONSE_SKIP:
+            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+    if "x-request-id" not in headers:
+        headers["x-request-id"] = request_id
+
+    is_sse = content_type is not None and content_type.startswith("text/event-stream")
+    if response.complete or (0 <= length <= SMALL_BODY and not is_sse):
+        try:
+            body = await response.read()
+        finally:
+            response.close()
+        return HTTPResponse(body, response.status, headers, content_type=content_type)
+
+    if length >= 0:
+        headers["content-length"] = str(length)
+    stream = await request.respond(
+        status=response.status, headers=headers, content_type=content_type
+    )
+    assert stream is not None
+    try:
+        async for chunk in response.iter_chunks():
+            await stream.send(chunk)
+    except UpstreamError as exc:
+        # Headers are gone already: the status cannot change any more.
+        log.warning("backend stream broke off (request %s): %s", request_id, exc)
+        if is_sse and sse_errors:
+            await stream.send(b"data: " + orjson.dumps(exc.to_envelope()) + b"\n\ndata: [DONE]\n\n")
+            await stream.eof()
+        else:
+            request.transport.close()  # the client sees a truncated body, not a clean end
+        return None
+    finally:
+        response.close()
+    await stream.eof()
+    return None

@@ -1,0 +1,25 @@
+"""Process settings: command-line flags, else ``ROUTEYARD_*`` environment variables."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ROUTEYARD_", extra="ignore")
+
+    config: str = "routes.yaml"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    log_level: str = "INFO"
+    #: Hard cap on any request body, before the per-model ``max_body_size``.
+    max_request_size: int = 256 * 1024 * 1024
+    #: Seconds a client may take to send its request (Sanic's request timeout).
+    request_timeout: float = 60.0
+    #: Seconds an idle client keep-alive connection stays open.
+    keep_alive_timeout: float = 75.0
+    #: Seconds in-flight requests get to finish on shutdown.
+    graceful_shutdown: float = 30.0
+    #: Watch the routes file and reload on change (SIGHUP always reloads).
+    watch: bool = True

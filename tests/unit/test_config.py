@@ -1,0 +1,108 @@
+"""routes.yaml parsing and validation: the minimal form, defaults, and errors with lines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from router.config import ConfigError, parse
+
+MINIMAL = b"""\
+models:
+  qwen25-15b-instruct:
+    backends:
+      - url: http://127.0.0.1:8001
+    endpoints: [chat, completions, tokenize]
+  jina-embeddings-v3:
+    backends:
+      - url: http://127.0.0.1:8002
+    endpoints: [embeddings]
+"""
+
+
+def test_minimal_form_from_the_issue() -> None:
+    config = parse(MINIMAL)
+    qwen = config.models["qwen25-15b-instruct"]
+    assert qwen.endpoints == {"chat", "completions", "tokenize"}
+    assert [b.url for b in qwen.backends] == ["http://127.0.0.1:8001"]
+    assert config.models["jina-embeddings-v3"].endpoints == {"embeddings"}
+    assert qwen.timeouts.connect == 5 and qwen.max_body_size == 32 * 1024 * 1024
+
+
+def test_defaults_apply_and_models_override() -> None:
+    config = parse(textwrap.dedent("""\
+        defaults:
+          endpoints: [chat]
+          timeouts: {connect: 250ms, first_byte: 2m, idle: 30s}
+          max_body_size: 1MiB
+        models:
+          a:
+            backends: [{url: "http://a:8000/"}]
+          b:
+            backends: [{url: "http://b:8000"}]
+            endpoints: [embeddings]
+            timeouts: {idle: 1h}
+            max_body_size: 512KB
+            backend_model: real-b
+        """).encode())
+    a, b = config.models["a"], config.models["b"]
+    assert a.endpoints == {"chat"} and b.endpoints == {"embeddings"}
+    assert a.timeouts.connect == 0.25 and a.timeouts.first_byte == 120
+    assert b.timeouts.idle == 3600 and b.timeouts.connect == 0.25
+    assert a.max_body_size == 1024 * 1024 and b.max_body_size == 512_000
+    assert a.backends[0].url == "http://a:8000"
+    assert b.backend_model == "real-b"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "col", "words"),
+    [
+        ("models:\n  a:\n    backends: []\n    endpoints: [chat]\n", 3, 5, "at least 1"),
+        ("models:\n  a:\n    backends:\n      - url: ftp://x\n    endpoints: [chat]\n",
+         4, 9, "not an http(s) URL"),
+        ("models:\n  a:\n    backends:\n      - url: http://x\n    endpoints: [chat, chatt]\n",
+         5, 5, "unknown endpoint group(s) chatt"),
+        ("models:\n  a:\n    backends:\n      - url: http://x\n    endpoints: [chat]\n"
+         "    timeout: 3\n", 6, 5, "Extra inputs"),
+        ("models:\n  a:\n    backends:\n      - url: http://x\n", 2, 3, "no endpoints enabled"),
+        ("models:\n  a:\n    backends:\n      - url: http://x\n    endpoints: [chat]\n"
+         "    timeouts: {idle: soon}\n", 6, 16, "not a duration"),
+        ("models:\n  a: [\n", 3, 1, "invalid YAML"),
+        ("- just a list\n", 1, 1, "must be a mapping"),
+    ],
+)
+def test_errors_name_line_and_column(text: str, line: int, col: int, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text.encode(), "routes.yaml")
+    error = info.value
+    assert (error.line, error.col) == (line, col), str(error)
+    assert words in str(error)
+    assert str(error).startswith(f"routes.yaml:{line}:{col}: ")
+
+
+def test_example_config_is_valid() -> None:
+    from pathlib import Path
+
+    from router.config import load_file
+
+    config = load_file(Path(__file__).parents[2] / "configs" / "routes.yaml")
+    assert len(config.models) >= 5
+
+
+def test_check_command(tmp_path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_bytes(MINIMAL)
+    out = subprocess.run([sys.executable, "-m", "router.cli", "check", str(good)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "qwen25-15b-instruct: 1 backend(s)" in out.stdout
+    assert "endpoints: chat, completions, tokenize" in out.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(MINIMAL.replace(b"[embeddings]", b"[embedings]"))
+    out = subprocess.run([sys.executable, "-m", "router.cli", "check", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"{bad}:9:5:" in out.stderr and "embedings" in out.stderr
