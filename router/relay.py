@@ -86,17 +86,21 @@ async def _relay(
 ) -> HTTPResponse | None:
     content_type = None
     length = -1
-    headers = Header()
+    headers: list[tuple[str, str]] = []
+    has_request_id = False
     for name, value in response.headers:
         lname = name.lower()
-        if lname == b"content-type":
-            content_type = value.decode("latin-1")
-        elif lname == b"content-length":
-            length = int(value)
-        if lname not in _RESPONSE_SKIP:
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
-    if "x-request-id" not in headers:
-        headers["x-request-id"] = request_id
+        if lname in _RESPONSE_SKIP:
+            if lname == b"content-type":
+                content_type = value.decode("latin-1")
+            elif lname == b"content-length":
+                length = int(value)
+            continue
+        if lname == b"x-request-id":
+            has_request_id = True
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    if not has_request_id:
+        headers.append(("x-request-id", request_id))
 
     is_sse = content_type is not None and content_type.startswith("text/event-stream")
     if response.complete or (0 <= length <= SMALL_BODY and not is_sse):
@@ -104,12 +108,12 @@ async def _relay(
             body = await response.read()
         finally:
             response.close()
-        return HTTPResponse(body, response.status, headers, content_type=content_type)
+        return HTTPResponse(body, response.status, Header(headers), content_type=content_type)
 
     if length >= 0:
-        headers["content-length"] = str(length)
+        headers.append(("content-length", str(length)))
     stream = await request.respond(
-        status=response.status, headers=headers, content_type=content_type
+        status=response.status, headers=Header(headers), content_type=content_type
     )
     assert stream is not None
     try:

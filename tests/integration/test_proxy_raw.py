@@ -42,7 +42,7 @@ def test_request_reaches_engine_byte_for_byte(router: Router, engines: dict, fak
                                     "connection": "keep-alive, x-drop", "x-drop": "gone"})
     assert r.status_code == 200
     seen = httpx.get(engines["generate"] + "/_fake/requests").json()[-1]
-    assert seen["sha256"] == hashlib.sha256(body).hexdigest()
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert seen["headers"]["x-custom"] == "kept"
     assert "x-drop" not in seen["headers"]
     assert seen["headers"]["x-request-id"] == r.headers["x-request-id"]
@@ -58,7 +58,7 @@ def test_backend_model_rewrite_changes_only_the_model(router: Router, engines, f
     assert r.status_code == 200, r.text
     seen = httpx.get(engines["generate"] + "/_fake/requests").json()[-1]
     expected = body.replace(b'"model" : "tiny-body-model"', b'"model" : "chat-model"')
-    assert seen["sha256"] == hashlib.sha256(expected).hexdigest()
+    assert seen["body_sha256"] == hashlib.sha256(expected).hexdigest()
 
 
 def test_client_request_id_is_kept(router: Router) -> None:
