@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from sanic import HTTPResponse, Request, Sanic
@@ -29,6 +30,7 @@ from router.errors import (
     RouteNotFound,
     RouterError,
 )
+from router.health import HealthMonitor
 from router.model_field import (
     model_from_form,
     model_from_json,
@@ -54,9 +56,11 @@ def new_request_id() -> str:
 
 
 class State:
-    """What the handlers share in one worker; ``holder`` is set at server start."""
+    """What the handlers share in one worker; set up at server start."""
 
     holder: ConfigHolder
+    health: HealthMonitor
+    draining = False
 
 
 def create_app(settings: Settings | None = None) -> Sanic:
@@ -78,12 +82,21 @@ def create_app(settings: Settings | None = None) -> Sanic:
     @app.before_server_start
     async def load_config(app: Sanic) -> None:
         state.holder = ConfigHolder(settings.config)
+        await state.holder.load()
+        state.health = HealthMonitor(state.holder)
         state.holder.install_sighup(app.loop)
         if settings.watch:
             app.add_task(state.holder.watch(), name="routeyard.watch")
+        app.add_task(state.health.run(), name="routeyard.health")
+        app.add_task(state.holder.refresh_dns(), name="routeyard.dns")
+
+    @app.before_server_stop
+    async def drain(app: Sanic) -> None:
+        state.draining = True
 
     @app.after_server_stop
     async def close_pools(app: Sanic) -> None:
+        state.health.close()
         state.holder.close()
 
     @app.main_process_ready
@@ -111,7 +124,23 @@ def create_app(settings: Settings | None = None) -> Sanic:
 
     @app.get("/ready")
     async def ready(request: Request) -> HTTPResponse:
+        if state.draining:
+            return HTTPResponse(b'{"status":"draining"}', 503, content_type=JSON)
+        down = [m.name for m in state.holder.current.models.values() if not m.cluster.any_up()]
+        if down:
+            body = orjson.dumps({"status": "not ready", "models_without_backend": down})
+            return HTTPResponse(body, 503, content_type=JSON)
         return HTTPResponse(b'{"status":"ready"}', content_type=JSON)
+
+    @app.get("/admin/backends")
+    async def admin_backends(request: Request) -> HTTPResponse:
+        models = state.holder.current.models
+        body = {
+            name: {"policy": m.cluster.config.policy, "in_flight": m.cluster.in_flight,
+                   "queued": len(m.cluster.waiters), "backends": m.cluster.describe()}
+            for name, m in models.items()
+        }
+        return HTTPResponse(orjson.dumps(body), content_type=JSON)
 
     @app.get("/admin/config")
     async def admin_config(request: Request) -> HTTPResponse:
@@ -142,9 +171,10 @@ def _proxy_handler(route: Route, state: State) -> Handler:
         snapshot = state.holder.current
         body = request.body
         if from_form:
+            data: dict[str, Any] = dict(request.form or {})
             name = model_from_form(request.form.get("model") if request.form else None)
         else:
-            name = model_from_json(body)
+            name, data = model_from_json(body)
         model = snapshot.models.get(name)
         if model is None:
             raise ModelNotFound(name)
@@ -159,7 +189,10 @@ def _proxy_handler(route: Route, state: State) -> Handler:
             rewrite = rewrite_form_model if from_form else rewrite_json_model
             body = rewrite(body, model.backend_model)
         request_id = request.headers.get("x-request-id") or new_request_id()
-        return await forward(request, model, body, request_id, sse_errors)
+        key = model.key_of(request.headers, data) if model.key_of else None
+        outlier = snapshot.config.outlier_detection
+        return await forward(request, model, body, request_id, sse_errors, key, outlier,
+                             state.health.eject)
 
     return proxy
 

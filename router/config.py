@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -73,6 +73,9 @@ Duration = Annotated[float, BeforeValidator(_parse_duration)]
 Size = Annotated[int, BeforeValidator(_parse_size)]
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -85,14 +88,56 @@ class Timeouts(_Strict):
     idle: Duration = 300.0
 
 
-class TimeoutsOverride(_Strict):
-    connect: Duration | None = None
-    first_byte: Duration | None = None
-    idle: Duration | None = None
+class Retries(_Strict):
+    """Retries of a request that failed before any byte reached the client."""
+
+    attempts: int = Field(default=2, ge=0, le=10)
+    backoff: Duration = 0.025
+    max_backoff: Duration = 1.0
+
+
+class Queue(_Strict):
+    """Where requests wait when every backend of a model is at ``max_in_flight``."""
+
+    size: int = Field(default=256, ge=0)
+    timeout: Duration = 10.0
+
+
+class SessionPolicy(_Strict):
+    header: str = "x-session-id"
+
+
+class PrefixPolicy(_Strict):
+    chars: int = Field(default=256, ge=1)
+    load_factor: float = Field(default=1.25, ge=1.0)
+
+
+class HealthChecks(_Strict):
+    """Active checks: ``GET path`` on every backend, with hysteresis."""
+
+    enabled: bool = True
+    path: str = "/health"
+    interval: Duration = 5.0
+    timeout: Duration = 2.0
+    unhealthy_threshold: int = Field(default=2, ge=1)
+    healthy_threshold: int = Field(default=1, ge=1)
+
+
+class OutlierDetection(_Strict):
+    """Passive checks: eject a backend after consecutive failures of real requests."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    ejection: Duration = 30.0
+
+
+Policy = Literal["round_robin", "least_request", "session", "prefix"]
 
 
 class Backend(_Strict):
     url: str
+    weight: int = Field(default=1, ge=1, le=1000)
+    max_in_flight: int | None = Field(default=None, ge=1)
+    discovery: Literal["static", "dns"] = "static"
 
     @field_validator("url")
     @classmethod
@@ -125,14 +170,28 @@ class ModelSpec(_Strict):
     backends: list[Backend] = Field(min_length=1)
     endpoints: Groups | None = None
     backend_model: str | None = Field(default=None, min_length=1)
-    timeouts: TimeoutsOverride | None = None
+    policy: Policy | None = None
+    session: SessionPolicy | None = None
+    prefix: PrefixPolicy | None = None
+    max_in_flight: int | None = Field(default=None, ge=1)
+    timeouts: Timeouts | None = None
+    retries: Retries | None = None
+    queue: Queue | None = None
     max_body_size: Size | None = None
 
 
 class Defaults(_Strict):
     endpoints: Groups | None = None
+    policy: Policy = "round_robin"
+    session: SessionPolicy = SessionPolicy()
+    prefix: PrefixPolicy = PrefixPolicy()
     timeouts: Timeouts = Timeouts()
+    retries: Retries = Retries()
+    queue: Queue = Queue()
     max_body_size: Size = 32 * 1024 * 1024
+    health_checks: HealthChecks = HealthChecks()
+    outlier_detection: OutlierDetection = OutlierDetection()
+    dns_refresh: Duration = 10.0
 
 
 class RoutesFile(_Strict):
@@ -147,12 +206,21 @@ class ModelConfig(_Strict):
     backends: tuple[Backend, ...]
     endpoints: frozenset[str]
     backend_model: str | None
+    policy: Policy
+    session: SessionPolicy
+    prefix: PrefixPolicy
+    max_in_flight: int | None
     timeouts: Timeouts
+    retries: Retries
+    queue: Queue
     max_body_size: int
 
 
 class RoutesConfig(_Strict):
     models: dict[str, ModelConfig]
+    health_checks: HealthChecks
+    outlier_detection: OutlierDetection
+    dns_refresh: float
     sha256: str
     source: str
 
@@ -202,13 +270,18 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -
     d = routes.defaults
     models = {}
     for name, spec in routes.models.items():
-        override = spec.timeouts.model_dump(exclude_none=True) if spec.timeouts else {}
         models[name] = ModelConfig(
             name=name,
             backends=tuple(spec.backends),
             endpoints=frozenset(spec.endpoints or d.endpoints or ()),
             backend_model=spec.backend_model,
-            timeouts=d.timeouts.model_copy(update=override),
+            policy=spec.policy or d.policy,
+            session=_merge(d.session, spec.session),
+            prefix=_merge(d.prefix, spec.prefix),
+            max_in_flight=spec.max_in_flight,
+            timeouts=_merge(d.timeouts, spec.timeouts),
+            retries=_merge(d.retries, spec.retries),
+            queue=_merge(d.queue, spec.queue),
             max_body_size=spec.max_body_size or d.max_body_size,
         )
         if not models[name].endpoints:
@@ -218,7 +291,21 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -
                 f"or in `defaults.endpoints:` (groups: {', '.join(GROUPS)})",
                 *_position(tree, ("models", name)),
             )
-    return RoutesConfig(models=models, sha256=sha256, source=source)
+    return RoutesConfig(
+        models=models,
+        health_checks=d.health_checks,
+        outlier_detection=d.outlier_detection,
+        dns_refresh=d.dns_refresh,
+        sha256=sha256,
+        source=source,
+    )
+
+
+def _merge(default: _M, override: _M | None) -> _M:
+    """``default`` with the keys the model set explicitly in ``override``."""
+    if override is None:
+        return default
+    return default.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
 
 
 def _plain(node: Any) -> Any:

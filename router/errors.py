@@ -1,7 +1,7 @@
 """Errors the router itself makes, and the one OpenAI-shaped envelope they share.
 
     RouterError(status, type, code, message, param)
-    ├── ClientError        the request is wrong: 400, 403, 404, 405, 413
+    ├── ClientError        the request is wrong or must wait: 400, 403, 404, 405, 413, 429
     ├── UpstreamError      the backend could not answer: 502, 503, 504
     └── InternalError      a bug in the router: 500
 
@@ -103,16 +103,46 @@ class PayloadTooLarge(ClientError):
     code = "request_too_large"
 
 
+class QueueTimeout(ClientError):
+    """Raised when every backend of a model stayed at capacity for the queue's timeout."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, model: str, why: str, retry_after: float) -> None:
+        super().__init__(
+            f"Model `{model}` is at capacity ({why}); retry after a short wait.",
+            headers={"retry-after": str(max(1, round(retry_after)))},
+        )
+
+
 class UpstreamError(RouterError):
     status = 502
     type = "server_error"
     code = "backend_error"
+    #: Whether a retry on another backend is safe and useful (nothing reached the client).
+    retryable = False
+
+
+class NoHealthyBackend(UpstreamError):
+    """Raised when a model has no backend that is up (healthy and not ejected)."""
+
+    status = 503
+    code = "no_healthy_backend"
+
+    def __init__(self, model: str, retry_after: int) -> None:
+        super().__init__(
+            f"Model `{model}` has no healthy backend right now.",
+            headers={"retry-after": str(retry_after)},
+        )
 
 
 class BackendUnavailable(UpstreamError):
     """Raised when the backend refuses or drops the connection before answering."""
 
     code = "backend_unavailable"
+    retryable = True
 
 
 class BackendTimeout(UpstreamError):
@@ -120,6 +150,12 @@ class BackendTimeout(UpstreamError):
 
     status = 504
     code = "backend_timeout"
+
+
+class ConnectTimeout(BackendTimeout):
+    """Raised when the TCP connection is not up within the connect timeout."""
+
+    retryable = True
 
 
 class BackendProtocolError(UpstreamError):

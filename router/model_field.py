@@ -8,6 +8,7 @@ under another name) splices the new value into the original bytes at the top-lev
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import orjson
 
@@ -22,8 +23,8 @@ _FORM_MODEL = re.compile(
 )
 
 
-def model_from_json(body: bytes) -> str:
-    """The ``model`` of a JSON object body; ``BadRequest`` if it is unusable."""
+def model_from_json(body: bytes) -> tuple[str, dict[str, Any]]:
+    """The ``model`` of a JSON object body, and the parsed body; ``BadRequest`` if unusable."""
     if not body:
         raise BadRequest("The request body is empty; send a JSON object with a `model`.")
     try:
@@ -33,7 +34,7 @@ def model_from_json(body: bytes) -> str:
         raise BadRequest(message, code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_body")
-    return _check(data.get("model"))
+    return _check(data.get("model")), data
 
 
 def model_from_form(form_model: object) -> str:

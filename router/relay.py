@@ -10,14 +10,18 @@ and the backend connection is aborted, so the engine stops generating.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+from collections.abc import Callable
 
 import orjson
 from sanic import HTTPResponse, Request
 from sanic.compat import Header
 
 from router import upstream
-from router.cluster import Endpoint
+from router.cluster import FAILURE_STATUSES, Endpoint
+from router.config import OutlierDetection
 from router.errors import UpstreamError
 from router.snapshot import ModelEntry
 
@@ -33,6 +37,8 @@ _RESPONSE_SKIP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
     b"trailer", b"content-type", b"content-length",
 })
+#: Backend answers that are retried on another endpoint (nothing has reached the client).
+RETRY_STATUSES = frozenset({502, 503})
 #: Bodies of known length up to this size are read whole and sent in one write.
 SMALL_BODY = 1024 * 1024
 
@@ -61,24 +67,64 @@ def build_head(request: Request, endpoint: Endpoint, body_length: int, request_i
 
 
 async def forward(
-    request: Request, model: ModelEntry, body: bytes, request_id: str, sse_errors: bool
+    request: Request,
+    model: ModelEntry,
+    body: bytes,
+    request_id: str,
+    sse_errors: bool,
+    key: str | None,
+    outlier: OutlierDetection,
+    on_eject: Callable[[Endpoint], None],
 ) -> HTTPResponse | None:
-    """Send the request to one of the model's endpoints and relay the answer."""
-    endpoint = model.cluster.pick()
-    head = build_head(request, endpoint, len(body), request_id)
-    endpoint.in_flight += 1
-    try:
-        response = await upstream.request(
-            endpoint.pool,
-            head,
-            body,
-            connect_timeout=model.connect_timeout,
-            first_byte_timeout=model.first_byte_timeout,
-            idle_timeout=model.idle_timeout,
-        )
-        return await _relay(request, response, request_id, sse_errors)
-    finally:
-        endpoint.in_flight -= 1
+    """Send the request to one of the model's endpoints and relay the answer.
+
+    A failure before any byte went to the client (connect error or timeout, connection
+    reset, a 502/503 answer) is retried on another endpoint that is up, with jittered
+    exponential backoff, up to ``retries.attempts`` times. Nothing is retried once the
+    response has started, and a first-byte timeout is not retried (the engine may be
+    working on it; waiting that long twice helps nobody)."""
+    cluster = model.cluster
+    retries = model.retries
+    tried: set[Endpoint] = set()
+    attempt = 0
+    while True:
+        endpoint = await cluster.acquire(key, tried)
+        try:
+            head = build_head(request, endpoint, len(body), request_id)
+            try:
+                response = await upstream.request(
+                    endpoint.pool,
+                    head,
+                    body,
+                    connect_timeout=model.connect_timeout,
+                    first_byte_timeout=model.first_byte_timeout,
+                    idle_timeout=model.idle_timeout,
+                )
+            except UpstreamError as exc:
+                if endpoint.record_failure(str(exc), outlier):
+                    on_eject(endpoint)
+                tried.add(endpoint)
+                if not (exc.retryable and attempt < retries.attempts and cluster.any_up(tried)):
+                    raise
+            else:
+                status = response.status
+                if status in FAILURE_STATUSES:
+                    if endpoint.record_failure(f"status {status}", outlier):
+                        on_eject(endpoint)
+                    if (status in RETRY_STATUSES and attempt < retries.attempts
+                            and cluster.any_up(tried | {endpoint})):
+                        response.close()
+                        tried.add(endpoint)
+                    else:
+                        return await _relay(request, response, request_id, sse_errors)
+                else:
+                    endpoint.record_success()
+                    return await _relay(request, response, request_id, sse_errors)
+        finally:
+            cluster.release(endpoint)
+        attempt += 1
+        delay = min(retries.max_backoff, retries.backoff * 2 ** (attempt - 1))
+        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
 
 
 async def _relay(

@@ -4,7 +4,7 @@ Triggers: a change under the file's directory (watchfiles; this catches in-place
 an editor's write-to-temp-and-rename, and Kubernetes' ``..data`` symlink swap), and SIGHUP.
 The file is re-read and hashed; an unchanged hash is a no-op. A file that fails to parse
 or validate is refused with one logged error naming the line, and the last good snapshot
-keeps serving.
+keeps serving. DNS backends are re-resolved every ``dns_refresh`` under the same snapshot.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from watchfiles import awatch
 from router import snapshot
 from router.cluster import EndpointRegistry
 from router.config import ConfigError, load_file
+from router.discovery import Resolver
 from router.snapshot import Snapshot
 
 log = logging.getLogger("routeyard.reload")
@@ -31,38 +32,65 @@ class ConfigHolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.registry = EndpointRegistry()
-        self.current: Snapshot = snapshot.build(load_file(self.path), self.registry)
+        self.resolver = Resolver()
         self.reloads = {"ok": 0, "error": 0, "unchanged": 0}
         self.last_error: str | None = None
+        self.tasks: set[asyncio.Task[object]] = set()
+        self._lock = asyncio.Lock()
+        self.current: Snapshot
 
-    def reload(self) -> bool:
+    async def load(self) -> None:
+        """The first load: an invalid file is fatal here (``ConfigError`` propagates)."""
+        self.current = await snapshot.build(load_file(self.path), self.registry, self.resolver)
+
+    async def reload(self) -> bool:
         """Re-read the file; swap in a new snapshot if it changed and is valid."""
-        try:
-            config = load_file(self.path)
-        except ConfigError as exc:
-            self.reloads["error"] += 1
-            self.last_error = str(exc)
-            log.error("config reload refused, still serving sha256 %.12s: %s",
-                      self.current.config.sha256, exc)
-            return False
-        if config.sha256 == self.current.config.sha256:
-            self.reloads["unchanged"] += 1
-            return False
-        self.current = snapshot.build(config, self.registry)
-        self.reloads["ok"] += 1
-        self.last_error = None
-        log.info("config reloaded: sha256 %.12s, %d models", config.sha256, len(config.models))
-        return True
+        async with self._lock:
+            try:
+                config = load_file(self.path)
+            except ConfigError as exc:
+                self.reloads["error"] += 1
+                self.last_error = str(exc)
+                log.error("config reload refused, still serving sha256 %.12s: %s",
+                          self.current.config.sha256, exc)
+                return False
+            if config.sha256 == self.current.config.sha256:
+                self.reloads["unchanged"] += 1
+                return False
+            self.current = await snapshot.build(config, self.registry, self.resolver)
+            self.reloads["ok"] += 1
+            self.last_error = None
+            log.info("config reloaded: sha256 %.12s, %d models",
+                     config.sha256, len(config.models))
+            return True
 
     async def watch(self) -> None:
         """Reload on every change in the file's directory, until cancelled."""
-        directory = self.path.resolve().parent if not self.path.is_symlink() else self.path.parent
-        async for _changes in awatch(directory, debounce=200, step=50, recursive=True):
-            self.reload()
+        async for _changes in awatch(self.path.absolute().parent, debounce=200, step=50):
+            await self.reload()
+
+    async def refresh_dns(self) -> None:
+        """Re-resolve DNS backends of the current snapshot, forever."""
+        while True:
+            await asyncio.sleep(self.current.config.dns_refresh)
+            async with self._lock:
+                current = self.current
+                for model in current.models.values():
+                    config = current.config.models[model.name]
+                    if any(b.discovery == "dns" for b in config.backends):
+                        members = await self.resolver.members(config, self.registry)
+                        if members != list(model.cluster.members):
+                            model.cluster.set_members(members)
+                self.registry.retain(current.endpoint_keys())
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
+        def on_sighup() -> None:
+            task = loop.create_task(self.reload())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     def close(self) -> None:
         self.registry.close()

@@ -1,20 +1,27 @@
 """The immutable snapshot a request is matched against: config plus bound clusters.
 
 Everything a request needs that can be computed once per config load is computed here:
-allowlists as frozensets, timeouts as floats, the /v1/models body, the Host header.
-A request takes one reference to the current snapshot and keeps it to the end, so a
-reload never changes a request halfway.
+allowlists as frozensets, timeouts as floats, the /v1/models body, the balancing key
+function. A request takes one reference to the current snapshot and keeps it to the end,
+so a reload never changes a request halfway. (Cluster membership alone may change under a
+snapshot, when a DNS refresh swaps in a new member set.)
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
 from router.cluster import Cluster, EndpointRegistry
-from router.config import ModelConfig, RoutesConfig
+from router.config import ModelConfig, Retries, RoutesConfig
+from router.discovery import Resolver
+
+#: Reads the balancing key (session id or prompt prefix) from headers and parsed body.
+KeyFunction = Callable[[Any, dict[str, Any]], str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +31,8 @@ class ModelEntry:
     enabled: list[str]
     backend_model: str | None
     cluster: Cluster
+    key_of: KeyFunction | None
+    retries: Retries
     connect_timeout: float
     first_byte_timeout: float
     idle_timeout: float
@@ -37,6 +46,9 @@ class Snapshot:
     loaded_at: float
     models_body: bytes
 
+    def endpoint_keys(self) -> set[str]:
+        return {e.key for m in self.models.values() for e in m.cluster.endpoints}
+
     def summary(self) -> dict[str, object]:
         return {
             "sha256": self.config.sha256,
@@ -44,9 +56,10 @@ class Snapshot:
             "loaded_at": self.loaded_at,
             "models": {
                 name: {
-                    "backends": [e.url for e in m.cluster.endpoints],
+                    "backends": [b.url for b in self.config.models[name].backends],
                     "endpoints": m.enabled,
                     "backend_model": m.backend_model,
+                    "policy": self.config.models[name].policy,
                     "timeouts": {
                         "connect": m.connect_timeout,
                         "first_byte": m.first_byte_timeout,
@@ -59,28 +72,79 @@ class Snapshot:
         }
 
 
-def build(config: RoutesConfig, registry: EndpointRegistry) -> Snapshot:
+async def build(config: RoutesConfig, registry: EndpointRegistry, resolver: Resolver) -> Snapshot:
     """Bind a validated config to endpoints (reusing those that stay) and freeze it."""
     loaded_at = time.time()
-    models = {name: _entry(m, registry) for name, m in config.models.items()}
-    registry.retain({e.url for m in models.values() for e in m.cluster.endpoints})
+    models = {}
+    for name, model in config.models.items():
+        cluster = Cluster(model, await resolver.members(model, registry))
+        models[name] = _entry(model, cluster)
     cards = [
         {"id": name, "object": "model", "created": int(loaded_at), "owned_by": "routeyard"}
         for name in models
     ]
     body = orjson.dumps({"object": "list", "data": cards})
-    return Snapshot(config=config, models=models, loaded_at=loaded_at, models_body=body)
+    snap = Snapshot(config=config, models=models, loaded_at=loaded_at, models_body=body)
+    registry.retain(snap.endpoint_keys())
+    return snap
 
 
-def _entry(m: ModelConfig, registry: EndpointRegistry) -> ModelEntry:
+def _entry(m: ModelConfig, cluster: Cluster) -> ModelEntry:
     return ModelEntry(
         name=m.name,
         groups=m.endpoints,
         enabled=sorted(m.endpoints),
         backend_model=m.backend_model if m.backend_model != m.name else None,
-        cluster=Cluster(registry.get(b.url) for b in m.backends),
+        cluster=cluster,
+        key_of=_key_function(m),
+        retries=m.retries,
         connect_timeout=m.timeouts.connect,
         first_byte_timeout=m.timeouts.first_byte,
         idle_timeout=m.timeouts.idle,
         max_body_size=m.max_body_size,
     )
+
+
+def _key_function(m: ModelConfig) -> KeyFunction | None:
+    if m.policy == "session":
+        header = m.session.header.lower()
+
+        def session_key(headers: Any, body: dict[str, Any]) -> str | None:
+            key = headers.get(header) or body.get("user")
+            return key if isinstance(key, str) and key else None
+
+        return session_key
+    if m.policy == "prefix":
+        chars = m.prefix.chars
+
+        def prefix_key(headers: Any, body: dict[str, Any]) -> str | None:
+            return prompt_prefix(body, chars) or None
+
+        return prefix_key
+    return None
+
+
+def prompt_prefix(body: dict[str, Any], chars: int) -> str:
+    """The first ``chars`` characters of the prompt: chat messages (role and text parts),
+    a completion prompt (string, list of strings or token ids), or embedding input."""
+    parts: list[str] = []
+    size = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            text = f"{message.get('role', '')}:{content or ''}\n"
+            parts.append(text)
+            size += len(text)
+            if size >= chars:
+                break
+    else:
+        prompt = body.get("prompt", body.get("input"))
+        if isinstance(prompt, list) and prompt:
+            prompt = prompt[0] if isinstance(prompt[0], str | list) else prompt
+        parts.append(prompt if isinstance(prompt, str) else str(prompt)[: chars * 4])
+    return "".join(parts)[:chars]

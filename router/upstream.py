@@ -21,7 +21,12 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from router.errors import BackendProtocolError, BackendTimeout, BackendUnavailable
+from router.errors import (
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConnectTimeout,
+)
 
 #: Pause reading from the backend while this many body bytes wait for the client.
 HIGH_WATER = 256 * 1024
@@ -37,9 +42,12 @@ class Origin:
     port: int
     base_path: str
     host_header: bytes
+    name: str  # the host name from the URL, for TLS server name checks
 
     @classmethod
-    def from_url(cls, url: str) -> Origin:
+    def from_url(cls, url: str, address: str | None = None) -> Origin:
+        """From a backend URL; ``address`` (a resolved IP) replaces the host to connect to,
+        while the Host header keeps the name."""
         parts = urlsplit(url)
         scheme = parts.scheme
         port = parts.port or (443 if scheme == "https" else 80)
@@ -48,7 +56,8 @@ class Origin:
         netloc = host if default else f"{host}:{port}"
         if ":" in host and not default:
             netloc = f"[{host}]:{port}"
-        return cls(scheme, host, port, parts.path.rstrip("/"), netloc.encode("idna"))
+        path = parts.path.rstrip("/")
+        return cls(scheme, address or host, port, path, netloc.encode("idna"), host)
 
 
 class Response:
@@ -274,12 +283,16 @@ class Pool:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: Connection(self), self.origin.host, self.origin.port, ssl=self.ssl
+                    lambda: Connection(self),
+                    self.origin.host,
+                    self.origin.port,
+                    ssl=self.ssl,
+                    server_hostname=self.origin.name if self.ssl else None,
                 ),
                 connect_timeout,
             )
         except TimeoutError:
-            raise BackendTimeout(
+            raise ConnectTimeout(
                 f"connecting to {self.origin.host}:{self.origin.port} timed out"
             ) from None
         except OSError as exc:

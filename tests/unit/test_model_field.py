@@ -20,7 +20,7 @@ from router.model_field import model_from_json, rewrite_form_model, rewrite_json
     ],
 )
 def test_rewrite_touches_only_the_top_level_model(body: bytes) -> None:
-    assert model_from_json(body) == "a"
+    assert model_from_json(body)[0] == "a"
     out = rewrite_json_model(body, "backend/é")
     parsed, original = orjson.loads(out), orjson.loads(body)
     assert parsed.pop("model") == "backend/é"

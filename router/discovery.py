@@ -1,0 +1,55 @@
+"""Backend discovery: a static URL is one endpoint; a DNS backend is one per address.
+
+``discovery: dns`` resolves the URL's host name to every address behind it (a Kubernetes
+headless Service lists one per ready pod) and re-resolves it every ``dns_refresh``. Pods
+that appear get traffic; pods that vanish get no new requests and finish those in flight.
+A failed lookup keeps the last good answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from urllib.parse import urlsplit
+
+from router.cluster import EndpointRegistry, Member
+from router.config import ModelConfig
+
+log = logging.getLogger("routeyard.discovery")
+
+
+class Resolver:
+    """Resolves DNS backends, remembering the last good answer per URL."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, list[str]] = {}
+
+    async def addresses(self, url: str) -> list[str]:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("cannot resolve %s (keeping %d known addresses): %s",
+                        url, len(self.last.get(url, [])), exc)
+            return self.last.get(url, [])
+        found = sorted({str(info[4][0]) for info in infos})
+        if found != self.last.get(url):
+            log.info("%s resolves to %s", url, ", ".join(found) or "nothing")
+        self.last[url] = found
+        return found
+
+    async def members(self, model: ModelConfig, registry: EndpointRegistry) -> list[Member]:
+        members = []
+        for backend in model.backends:
+            if backend.discovery == "dns":
+                addresses = await self.addresses(backend.url)
+                endpoints = [registry.get(backend.url, a) for a in addresses]
+            else:
+                endpoints = [registry.get(backend.url)]
+            for endpoint in endpoints:
+                endpoint.max_in_flight = backend.max_in_flight
+                members.append(Member(endpoint, backend.weight))
+        return members
