@@ -27,6 +27,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
 from router.catalog import GROUPS
+from router.tenants.config import AuthConfig, ResolvedAuth, resolve_auth
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE)
@@ -77,7 +78,8 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a plain API key pasted in the wrong place must not be logged.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class Timeouts(_Strict):
@@ -197,6 +199,7 @@ class Defaults(_Strict):
 class RoutesFile(_Strict):
     defaults: Defaults = Defaults()
     models: dict[str, ModelSpec]
+    auth: AuthConfig | None = None
 
 
 class ModelConfig(_Strict):
@@ -217,7 +220,10 @@ class ModelConfig(_Strict):
 
 
 class RoutesConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
     models: dict[str, ModelConfig]
+    auth: ResolvedAuth | None
     health_checks: HealthChecks
     outlier_detection: OutlierDetection
     dns_refresh: float
@@ -291,8 +297,15 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -
                 f"or in `defaults.endpoints:` (groups: {', '.join(GROUPS)})",
                 *_position(tree, ("models", name)),
             )
+    auth = None
+    if routes.auth is not None:
+        try:
+            auth = resolve_auth(routes.auth, Path(source).parent)
+        except ValueError as exc:
+            raise ConfigError(source, f"auth: {exc}", *_position(tree, ("auth",))) from None
     return RoutesConfig(
         models=models,
+        auth=auth,
         health_checks=d.health_checks,
         outlier_detection=d.outlier_detection,
         dns_refresh=d.dns_refresh,
