@@ -179,7 +179,18 @@ def start_router(
 
 
 @pytest.fixture(scope="session")
-def router(engines: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+def dead_port() -> Iterator[int]:
+    """A port that refuses connections for the whole session: bound, never listening,
+    so no other server can take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def router(
+    engines: dict[str, str], dead_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Router]:
     """One shared router over the five model kinds (tests must not change its config)."""
     tmp = tmp_path_factory.mktemp("router")
     extra = (
@@ -187,7 +198,7 @@ def router(engines: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
         f"      - url: {engines['generate']}\n"
         "    endpoints: [chat]\n    backend_model: chat-model\n    max_body_size: 1KiB\n"
         "  dead-model:\n    backends:\n"
-        f"      - url: http://127.0.0.1:{free_port()}\n    endpoints: [chat]\n"
+        f"      - url: http://127.0.0.1:{dead_port}\n    endpoints: [chat]\n"
         "  slow-model:\n    backends:\n"
         f"      - url: {engines['generate']}\n    endpoints: [chat]\n"
         "    backend_model: chat-model\n    timeouts: {first_byte: 500ms}\n"

@@ -1,0 +1,26 @@
+"""``python -m router.fake_engine --model m --task generate --port 8001``."""
+
+from __future__ import annotations
+
+import argparse
+
+from router.fake_engine.app import run
+from router.fake_engine.state import TASKS
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m router.fake_engine")
+    parser.add_argument("--model", action="append", required=True, help="served model name")
+    parser.add_argument("--task", choices=TASKS, default="generate")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency-ms", type=float, default=0)
+    parser.add_argument("--token-delay-ms", type=float, default=0)
+    parser.add_argument("--tokens", type=int, default=8)
+    args = parser.parse_args(argv)
+    run(args.model, args.task, args.host, args.port, latency_ms=args.latency_ms,
+        token_delay_ms=args.token_delay_ms, tokens=args.tokens)
+
+
+if __name__ == "__main__":
+    main()
