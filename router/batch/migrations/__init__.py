@@ -1,0 +1,1 @@
+"""Alembic migrations of the batch tables; run by ``router.batch.db.migrate``."""
