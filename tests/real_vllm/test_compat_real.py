@@ -1,0 +1,117 @@
+"""``routeyard compat`` against real vLLM engines: zero differences for every model kind.
+
+Real vLLM (CPU build) from ``scripts/real_vllm/install.sh``, tiny models built locally by
+``build_models.py``, engines started together by ``serve.py``, one routeyard router in
+front. Run: ``bash scripts/real_vllm/install.sh && pytest -m real_vllm tests/real_vllm -s``.
+With ``ROUTEYARD_COMPAT_DOCS=1`` the reports go to docs/compat/<kind>.md (then run
+``python -m router.supported_apis`` to refresh the "verified" column).
+
+Outside CI a missing vLLM venv skips; in CI (``CI=true``) it, like any failure to build
+the models or start an engine, fails the tier.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from router.compat import run
+from router.compat.requests import groups_of
+from tests.conftest import ROOT, Router, start_router, stop
+
+pytestmark = pytest.mark.real_vllm
+
+
+def _load_serve() -> ModuleType:
+    path = ROOT / "scripts" / "real_vllm" / "serve.py"
+    spec = importlib.util.spec_from_file_location("routeyard_real_vllm_serve", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+serve = _load_serve()
+
+
+@dataclass(frozen=True, slots=True)
+class RealKind:
+    """A model kind: its compat task, engine (``serve.SPECS`` key), names and groups."""
+
+    kind: str
+    task: str
+    engine: str
+    engine_model: str
+    public_model: str
+    groups: tuple[str, ...] | None = None  # None: every group of the task's suite
+
+    def enabled(self) -> list[str]:
+        return sorted(self.groups or groups_of(self.task))
+
+
+KINDS = (
+    RealKind("chat", "generate", "chat", "tiny-qwen2", "chat"),
+    RealKind("embed", "embed", "embed", "minilm", "minilm"),
+    RealKind("rerank", "score", "cross", "bert-rerank", "rerank", ("rerank",)),
+    RealKind("score", "score", "cross", "bert-score", "bert-score", ("score", "classify")),
+    RealKind("transcription", "transcription", "whisper", "tiny-whisper", "whisper"),
+)
+
+
+@pytest.fixture(scope="session")
+def real_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Engine kind → URL of a healthy real vLLM server."""
+    vllm = serve.venv() / "bin" / "vllm"
+    if not vllm.exists():
+        message = f"no vLLM at {vllm}: run `bash scripts/real_vllm/install.sh` first"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    started = time.monotonic()
+    models = serve.build_models()
+    built = time.monotonic()
+    engines = serve.start(models, tmp_path_factory.mktemp("vllm-logs"))
+    print(f"\nreal_vllm: models ready in {built - started:.1f} s, "
+          f"engines healthy after {time.monotonic() - built:.1f} s "
+          f"({', '.join(f'{k} {e.ready_after:.0f} s' for k, e in engines.items())})")
+    yield {kind: engine.url for kind, engine in engines.items()}
+    serve.stop(engines)
+
+
+@pytest.fixture(scope="session")
+def real_router(real_engines: dict[str, str],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    lines = ["models:"]
+    for k in KINDS:
+        lines += [f"  {k.public_model}:", "    backends:", f"      - url: {real_engines[k.engine]}",
+                  f"    endpoints: [{', '.join(k.enabled())}]"]
+        if k.public_model != k.engine_model:
+            lines.append(f"    backend_model: {k.engine_model}")
+    router = start_router(tmp_path_factory.mktemp("real-router"), "\n".join(lines) + "\n")
+    yield router
+    stop(router.proc)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=[k.kind for k in KINDS])
+def test_compat_has_no_difference_on_real_vllm(
+    kind: RealKind, real_engines: dict[str, str], real_router: Router, tmp_path: Path
+) -> None:
+    to_docs = os.environ.get("ROUTEYARD_COMPAT_DOCS") == "1"
+    report = (ROOT / "docs" / "compat" if to_docs else tmp_path) / f"{kind.kind}.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    out = io.StringIO()
+    started = time.monotonic()
+    code = run(real_engines[kind.engine], real_router.url, kind.public_model, kind.task,
+               engine_model=kind.engine_model, groups=kind.groups, markdown=report, out=out)
+    print(f"\n{out.getvalue()}compat {kind.kind}: {time.monotonic() - started:.1f} s")
+    assert code == 0, out.getvalue()
