@@ -40,9 +40,11 @@ from router.model_field import (
 from router.relay import forward
 from router.reload import ConfigHolder
 from router.settings import Settings
+from router.telemetry import GEN_AI_OPERATIONS, Exchange, Observer, tracing_wanted
 
 log = logging.getLogger("routeyard")
 JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 Handler = Callable[[Request], Awaitable[HTTPResponse | None]]
 
 
@@ -60,6 +62,8 @@ class State:
 
     holder: ConfigHolder
     health: HealthMonitor
+    #: Metrics, tracing and the access log; None when all three are off.
+    observer: Observer | None = None
     draining = False
 
 
@@ -78,12 +82,23 @@ def create_app(settings: Settings | None = None) -> Sanic:
     )
     state = State()
     app.ctx.state = state
+    tracing = tracing_wanted(os.environ, settings.tracing)
+    observing = settings.metrics or settings.access_log or tracing
 
     @app.before_server_start
     async def load_config(app: Sanic) -> None:
+        if observing:
+            state.observer = _observer(settings, tracing, app)
+        metrics = state.observer.metrics if state.observer is not None else None
         state.holder = ConfigHolder(settings.config)
+        if metrics is not None:
+            state.holder.on_load = metrics.config_loaded
         await state.holder.load()
         state.health = HealthMonitor(state.holder)
+        if metrics is not None:
+            holder = state.holder
+            metrics.start(app.loop, lambda: (holder.registry.by_key.values(),
+                                             holder.current.models.values()))
         state.holder.install_sighup(app.loop)
         if settings.watch:
             app.add_task(state.holder.watch(), name="routeyard.watch")
@@ -98,6 +113,8 @@ def create_app(settings: Settings | None = None) -> Sanic:
     async def close_pools(app: Sanic) -> None:
         state.health.close()
         state.holder.close()
+        if state.observer is not None:
+            state.observer.close()
 
     @app.main_process_ready
     async def forward_sighup(app: Sanic) -> None:
@@ -152,8 +169,32 @@ def create_app(settings: Settings | None = None) -> Sanic:
         }
         return HTTPResponse(orjson.dumps(body), content_type=JSON)
 
+    if settings.metrics:
+        @app.get("/metrics")
+        async def metrics(request: Request) -> HTTPResponse:
+            assert state.observer is not None and state.observer.metrics is not None
+            body = await state.observer.metrics.render()
+            return HTTPResponse(body, content_type=PROMETHEUS)
+
     app.error_handler.add(Exception, _error_response)
     return app
+
+
+def _observer(settings: Settings, tracing: bool, app: Sanic) -> Observer:
+    """Made in each worker at start: no thread, file or exporter exists before."""
+    from router.accesslog import AccessLog
+    from router.metrics import Metrics
+    from router.telemetry import Tracing
+
+    access = None
+    if settings.access_log:
+        access = AccessLog()
+        access.start(app.loop)
+    return Observer(
+        tracing=Tracing(os.environ) if tracing else None,
+        metrics=Metrics() if settings.metrics else None,
+        access=access,
+    )
 
 
 def _name(path: str) -> str:
@@ -161,38 +202,56 @@ def _name(path: str) -> str:
 
 
 def _proxy_handler(route: Route, state: State) -> Handler:
-    """A handler bound to one catalog route: its group and model source are constants."""
+    """A handler bound to one catalog route: its group and model source are constants.
+
+    With metrics, tracing or the access log on (``state.observer``), an ``Exchange``
+    records the request, whatever way it ends; with all three off nothing of it runs."""
     group = route.group
     assert group is not None
     from_form = route.model is ModelSource.FORM
     sse_errors = route.stream is StreamFormat.DATA_DONE
+    operation = GEN_AI_OPERATIONS.get(group, group)
 
     async def proxy(request: Request) -> HTTPResponse | None:
         snapshot = state.holder.current
         body = request.body
-        if from_form:
-            data: dict[str, Any] = dict(request.form or {})
-            name = model_from_form(request.form.get("model") if request.form else None)
-        else:
-            name, data = model_from_json(body)
-        model = snapshot.models.get(name)
-        if model is None:
-            raise ModelNotFound(name)
-        if group not in model.groups:
-            raise EndpointNotEnabled(name, group, request.path, model.enabled)
-        if len(body) > model.max_body_size:
-            raise PayloadTooLarge(
-                f"The request body is {len(body)} bytes; model `{name}` accepts at most "
-                f"{model.max_body_size} (max_body_size in routes.yaml)."
-            )
-        if model.backend_model:
-            rewrite = rewrite_form_model if from_form else rewrite_json_model
-            body = rewrite(body, model.backend_model)
-        request_id = request.headers.get("x-request-id") or new_request_id()
-        key = model.key_of(request.headers, data) if model.key_of else None
-        outlier = snapshot.config.outlier_detection
-        return await forward(request, model, body, request_id, sse_errors, key, outlier,
-                             state.health.eject)
+        request_id = request.ctx.request_id = (
+            request.headers.get("x-request-id") or new_request_id())
+        observer = state.observer
+        ex = None if observer is None else Exchange(observer, request, group, operation,
+                                                    request_id)
+        try:
+            if from_form:
+                data: dict[str, Any] = dict(request.form or {})
+                name = model_from_form(request.form.get("model") if request.form else None)
+            else:
+                name, data = model_from_json(body)
+            model = snapshot.models.get(name)
+            if ex is not None:
+                ex.matched(name, model)
+            if model is None:
+                raise ModelNotFound(name)
+            if group not in model.groups:
+                raise EndpointNotEnabled(name, group, request.path, model.enabled)
+            if len(body) > model.max_body_size:
+                raise PayloadTooLarge(
+                    f"The request body is {len(body)} bytes; model `{name}` accepts at most "
+                    f"{model.max_body_size} (max_body_size in routes.yaml)."
+                )
+            if model.backend_model:
+                rewrite = rewrite_form_model if from_form else rewrite_json_model
+                body = rewrite(body, model.backend_model)
+            key = model.key_of(request.headers, data) if model.key_of else None
+            outlier = snapshot.config.outlier_detection
+            response = await forward(request, model, body, request_id, sse_errors, key,
+                                     outlier, state.health.eject, ex)
+        except BaseException as exc:
+            if ex is not None:
+                ex.finish(exc)
+            raise
+        if ex is not None:
+            ex.finish(None)
+        return response
 
     return proxy
 
@@ -201,7 +260,9 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
     """Every router-made error, in OpenAI's envelope; never a stack trace."""
     if not isinstance(exc, RouterError):
         exc = _translate(request, exc)
-    headers = {"x-request-id": request.headers.get("x-request-id") or new_request_id()}
+    request_id = getattr(request.ctx, "request_id", None)
+    headers = {"x-request-id": request_id or request.headers.get("x-request-id")
+               or new_request_id()}
     headers.update(exc.headers)
     return HTTPResponse(exc.body(), exc.status, headers, content_type=JSON)
 

@@ -1,10 +1,11 @@
-"""The ``routeyard`` command: serve, check, fake-engine, demo."""
+"""The ``routeyard`` command: serve, check, fake-engine, demo, compat."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--engine-base-port", type=int, default=8100)
 
+    compat = sub.add_parser(
+        "compat", help="send the same requests to an engine and through a router; diff them")
+    compat.add_argument("--engine", required=True, help="engine base URL (vLLM)")
+    compat.add_argument("--router", required=True, help="router (or gateway) base URL")
+    compat.add_argument("--model", required=True, help="the model's name at the router")
+    compat.add_argument("--engine-model", help="the engine's served name (default: --model)")
+    compat.add_argument("--task", required=True,
+                        choices=["generate", "embed", "score", "transcription"])
+    compat.add_argument("--groups", help="only these endpoint groups, comma-separated")
+    compat.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
+    compat.add_argument("--engine-header", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="extra header for the engine (repeatable), e.g. authorization")
+    compat.add_argument("--router-header", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="extra header for the router (repeatable)")
+    compat.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+
     args = parser.parse_args(argv)
+    if args.command == "compat":
+        return compat_command(args)
     if args.command == "serve":
         overrides = {k: v for k in ("config", "host", "port", "workers")
                      if (v := getattr(args, k)) is not None}
@@ -69,6 +88,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return demo_command(args.host, args.port, args.engine_base_port)
 
 
+def compat_command(args: argparse.Namespace) -> int:
+    from router.compat import parse_header, run
+
+    try:
+        engine_headers = dict(parse_header(h) for h in args.engine_header)
+        router_headers = dict(parse_header(h) for h in args.router_header)
+        groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
+        return run(args.engine, args.router, args.model, args.task,
+                   engine_model=args.engine_model, groups=groups, markdown=args.markdown,
+                   engine_headers=engine_headers, router_headers=router_headers,
+                   timeout=args.timeout)
+    except ValueError as exc:
+        print(f"routeyard compat: {exc}", file=sys.stderr)
+        return 2
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -79,6 +114,7 @@ def serve_command(settings: Settings) -> int:
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
+    from router import telemetry
     from router.app import create_app
 
     _setup_logging(settings.log_level)
@@ -87,6 +123,12 @@ def serve_command(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"routeyard: {exc}", file=sys.stderr)
         return 1
+    try:
+        telemetry.check(os.environ, settings.tracing)
+    except ValueError as exc:
+        print(f"routeyard: {exc}", file=sys.stderr)
+        return 1
+    metrics_dir = _metrics_dir(settings)
     logging.getLogger("routeyard").info(
         "serving %d models from %s on %s:%d with %d worker(s)",
         len(config.models), settings.config, settings.host, settings.port, settings.workers,
@@ -101,8 +143,40 @@ def serve_command(settings: Settings) -> int:
         access_log=False,
         motd=False,
     )
-    Sanic.serve(primary=app, app_loader=loader)
+    try:
+        if settings.workers == 1:
+            # One process that owns the listening socket: SIGTERM closes it at once, so
+            # new connections are refused while streams in flight finish.
+            Sanic.serve_single(primary=app)
+        else:
+            Sanic.serve(primary=app, app_loader=loader)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _metrics_dir(settings: Settings) -> str | None:
+    """Set up ``PROMETHEUS_MULTIPROC_DIR`` before any worker starts (workers inherit it).
+
+    With several workers and none given, a fresh directory is made for this run (and
+    removed at exit: returned). A given directory is emptied of an earlier run's files."""
+    from router.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    if not settings.metrics:
+        return None
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        prepare_multiprocess_dir(given)
+        return None
+    if settings.workers <= 1:
+        return None
+    path = tempfile.mkdtemp(prefix="routeyard-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    logging.getLogger("routeyard").info(
+        "metrics: %d workers share %s=%s (removed at exit)", settings.workers, MULTIPROC_ENV,
+        path)
+    return path
 
 
 def check_command(path: str) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class Endpoint:
     """One backend address: pool, in-flight count, health (active and passive)."""
 
     __slots__ = (
-        "active_failures", "active_successes", "consecutive_failures", "ejected",
+        "active_failures", "active_successes", "clusters", "consecutive_failures", "ejected",
         "ejected_until", "healthy", "in_flight", "key", "last_check", "last_error",
         "max_in_flight", "origin", "pool", "url",
     )
@@ -52,6 +53,9 @@ class Endpoint:
         self.active_successes = 0
         self.last_error: str | None = None
         self.last_check: float | None = None
+        #: The clusters this endpoint is a member of, this snapshot's and those of older
+        #: snapshots that requests in flight still hold: a slot freed here wakes them all.
+        self.clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
     @property
     def up(self) -> bool:
@@ -144,22 +148,36 @@ class Cluster:
     def set_members(self, members: Iterable[Member]) -> None:
         """Swap in a new member set (DNS refresh); the balancer is rebuilt whole."""
         self.members = tuple(members)
+        for member in self.members:
+            member.endpoint.clusters.add(self)
         self.balancer = make_balancer(self.config, self.members)
         self._wake()
 
     def any_up(self, exclude: frozenset[Endpoint] | set[Endpoint] = frozenset()) -> bool:
         return any(m.endpoint.up and m.endpoint not in exclude for m in self.members)
 
+    def try_acquire(self, key: str | None, exclude: set[Endpoint]) -> Endpoint | None:
+        """An endpoint with capacity now, counted in flight, or None (then ``acquire``).
+
+        The fast path: no coroutine, no waiting; ``release`` the endpoint when done."""
+        if self.max_in_flight is None or self.in_flight < self.max_in_flight:
+            endpoint = self.balancer.pick(key, exclude)
+            if endpoint is not None:
+                endpoint.in_flight += 1
+                self.in_flight += 1
+                return endpoint
+        return None
+
     async def acquire(self, key: str | None, exclude: set[Endpoint]) -> Endpoint:
-        """An endpoint for this request, counted in flight; ``release`` it when done."""
+        """An endpoint for this request, counted in flight; ``release`` it when done.
+
+        Waits in the queue when every endpoint that is up is at capacity; raises
+        ``NoHealthyBackend`` when none is up and ``QueueTimeout`` when the wait fails."""
         deadline = None
         while True:
-            if self.max_in_flight is None or self.in_flight < self.max_in_flight:
-                endpoint = self.balancer.pick(key, exclude)
-                if endpoint is not None:
-                    endpoint.in_flight += 1
-                    self.in_flight += 1
-                    return endpoint
+            endpoint = self.try_acquire(key, exclude)
+            if endpoint is not None:
+                return endpoint
             if not self.any_up(exclude):
                 raise NoHealthyBackend(self.config.name, self.retry_after())
             if len(self.waiters) >= self.queue_size:
@@ -185,6 +203,11 @@ class Cluster:
         endpoint.in_flight -= 1
         self.in_flight -= 1
         self._wake()
+        clusters = endpoint.clusters
+        if len(clusters) > 1:  # a reload made a new cluster: its waiters may use this slot
+            for cluster in clusters:
+                if cluster is not self and cluster.waiters:
+                    cluster._wake()
 
     def _wake(self) -> None:
         while self.waiters:

@@ -2,10 +2,11 @@
 
 The request keeps its method, target (path and query, aliases included), end-to-end
 headers and body; the router adds ``x-request-id`` and ``x-forwarded-for`` and drops
-hop-by-hop headers. The response keeps status, content type and end-to-end headers. A
-small body of known length is sent in one piece; anything else, SSE above all, is relayed
-chunk by chunk as the backend sends it. When the client leaves, the handler is cancelled
-and the backend connection is aborted, so the engine stops generating.
+hop-by-hop headers; with tracing on, ``traceparent`` names the attempt's CLIENT span. The
+response keeps status, content type and end-to-end headers. A small body of known length
+is sent in one piece; anything else, SSE above all, is relayed chunk by chunk as the
+backend sends it. When the client leaves, the handler is cancelled and the backend
+connection is aborted, so the engine stops generating.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
+from time import perf_counter
+from typing import TYPE_CHECKING
 
 import orjson
 from sanic import HTTPResponse, Request
 from sanic.compat import Header
 
 from router import upstream
-from router.cluster import FAILURE_STATUSES, Endpoint
+from router.cluster import FAILURE_STATUSES, Cluster, Endpoint
 from router.config import OutlierDetection
-from router.errors import UpstreamError
+from router.errors import QueueTimeout, UpstreamError
 from router.snapshot import ModelEntry
+
+if TYPE_CHECKING:
+    from router.telemetry import Exchange
 
 log = logging.getLogger("routeyard.relay")
 
@@ -37,14 +43,21 @@ _RESPONSE_SKIP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
     b"trailer", b"content-type", b"content-length",
 })
+#: With tracing on, the router writes its own trace headers in place of the incoming ones.
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+HOP_BY_HOP_TRACED = HOP_BY_HOP | TRACE_HEADERS
 #: Backend answers that are retried on another endpoint (nothing has reached the client).
 RETRY_STATUSES = frozenset({502, 503})
 #: Bodies of known length up to this size are read whole and sent in one write.
 SMALL_BODY = 1024 * 1024
 
 
-def build_head(request: Request, endpoint: Endpoint, body_length: int, request_id: str) -> bytes:
-    """The request line and headers for the backend, ending in the blank line."""
+def build_head(request: Request, endpoint: Endpoint, body_length: int, request_id: str,
+               trace: str | None = None) -> bytes:
+    """The request line and headers for the backend, ending in the blank line.
+
+    ``trace`` (header lines from ``Tracing.attempt``) replaces the incoming
+    ``traceparent``/``tracestate``; without it they pass through unchanged."""
     origin = endpoint.origin
     parts = [
         f"{request.method} {origin.base_path}{request.raw_url.decode('latin-1')} HTTP/1.1\r\n"
@@ -52,6 +65,9 @@ def build_head(request: Request, endpoint: Endpoint, body_length: int, request_i
     ]
     headers = request.headers
     skip = HOP_BY_HOP
+    if trace is not None:
+        skip = HOP_BY_HOP_TRACED
+        parts.append(trace)
     connection = headers.get("connection")
     if connection:
         skip = skip | {h.strip().lower() for h in connection.split(",")}
@@ -75,6 +91,7 @@ async def forward(
     key: str | None,
     outlier: OutlierDetection,
     on_eject: Callable[[Endpoint], None],
+    ex: Exchange | None = None,
 ) -> HTTPResponse | None:
     """Send the request to one of the model's endpoints and relay the answer.
 
@@ -82,15 +99,19 @@ async def forward(
     reset, a 502/503 answer) is retried on another endpoint that is up, with jittered
     exponential backoff, up to ``retries.attempts`` times. Nothing is retried once the
     response has started, and a first-byte timeout is not retried (the engine may be
-    working on it; waiting that long twice helps nobody)."""
+    working on it; waiting that long twice helps nobody). ``ex``, when metrics, tracing or
+    the access log are on, records what happened."""
     cluster = model.cluster
     retries = model.retries
     tried: set[Endpoint] = set()
     attempt = 0
     while True:
-        endpoint = await cluster.acquire(key, tried)
+        endpoint = cluster.try_acquire(key, tried) or await _queue(cluster, key, tried, ex)
+        trace = ex.chosen(endpoint, attempt) if ex is not None else None
         try:
-            head = build_head(request, endpoint, len(body), request_id)
+            head = build_head(request, endpoint, len(body), request_id, trace)
+            if ex is not None and not ex.t_sent:
+                ex.t_sent = perf_counter()
             try:
                 response = await upstream.request(
                     endpoint.pool,
@@ -101,6 +122,8 @@ async def forward(
                     idle_timeout=model.idle_timeout,
                 )
             except UpstreamError as exc:
+                if ex is not None:
+                    ex.attempt_failed(exc.code or exc.type)
                 if endpoint.record_failure(str(exc), outlier):
                     on_eject(endpoint)
                 tried.add(endpoint)
@@ -108,6 +131,8 @@ async def forward(
                     raise
             else:
                 status = response.status
+                if ex is not None:
+                    ex.status = ex.attempt_status = status
                 if status in FAILURE_STATUSES:
                     if endpoint.record_failure(f"status {status}", outlier):
                         on_eject(endpoint)
@@ -116,19 +141,45 @@ async def forward(
                         response.close()
                         tried.add(endpoint)
                     else:
-                        return await _relay(request, response, request_id, sse_errors)
+                        return await _relay(request, response, request_id, sse_errors, ex)
                 else:
                     endpoint.record_success()
-                    return await _relay(request, response, request_id, sse_errors)
+                    return await _relay(request, response, request_id, sse_errors, ex)
         finally:
             cluster.release(endpoint)
+            if ex is not None and ex.client_span is not None:
+                ex.end_attempt()
+        if ex is not None:
+            ex.retrying()
         attempt += 1
         delay = min(retries.max_backoff, retries.backoff * 2 ** (attempt - 1))
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
 
 
+async def _queue(
+    cluster: Cluster, key: str | None, tried: set[Endpoint], ex: Exchange | None
+) -> Endpoint:
+    """The slow path of acquiring an endpoint: wait in the model's queue (or fail)."""
+    if ex is None:
+        return await cluster.acquire(key, tried)
+    series = ex.model_series()
+    start = perf_counter()
+    try:
+        endpoint = await cluster.acquire(key, tried)
+    except QueueTimeout:
+        if series is not None:
+            series.rejected.inc()
+        raise
+    waited = perf_counter() - start
+    ex.queue_wait += waited
+    if series is not None:
+        series.queue_wait.observe(waited)
+    return endpoint
+
+
 async def _relay(
-    request: Request, response: upstream.Response, request_id: str, sse_errors: bool
+    request: Request, response: upstream.Response, request_id: str, sse_errors: bool,
+    ex: Exchange | None,
 ) -> HTTPResponse | None:
     content_type = None
     length = -1
@@ -154,6 +205,8 @@ async def _relay(
             body = await response.read()
         finally:
             response.close()
+        if ex is not None:
+            ex.body(body, content_type)
         return HTTPResponse(body, response.status, Header(headers), content_type=content_type)
 
     if length >= 0:
@@ -163,11 +216,18 @@ async def _relay(
     )
     assert stream is not None
     try:
-        async for chunk in response.iter_chunks():
-            await stream.send(chunk)
+        if ex is None:
+            async for chunk in response.iter_chunks():
+                await stream.send(chunk)
+        else:
+            async for chunk in response.iter_chunks():
+                ex.chunk(chunk)
+                await stream.send(chunk)
     except UpstreamError as exc:
         # Headers are gone already: the status cannot change any more.
         log.warning("backend stream broke off (request %s): %s", request_id, exc)
+        if ex is not None:
+            ex.error = ex.attempt_error = exc.code or exc.type
         if is_sse and sse_errors:
             await stream.send(b"data: " + orjson.dumps(exc.to_envelope()) + b"\n\ndata: [DONE]\n\n")
             await stream.eof()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from watchfiles import awatch
@@ -38,10 +39,18 @@ class ConfigHolder:
         self.tasks: set[asyncio.Task[object]] = set()
         self._lock = asyncio.Lock()
         self.current: Snapshot
+        #: Told every load: (result, sha256 now served); result is None for the first
+        #: load, else "ok", "error" or "unchanged" (the metrics listen here).
+        self.on_load: Callable[[str | None, str], None] | None = None
+
+    def _loaded(self, result: str | None) -> None:
+        if self.on_load is not None:
+            self.on_load(result, self.current.config.sha256)
 
     async def load(self) -> None:
         """The first load: an invalid file is fatal here (``ConfigError`` propagates)."""
         self.current = await snapshot.build(load_file(self.path), self.registry, self.resolver)
+        self._loaded(None)
 
     async def reload(self) -> bool:
         """Re-read the file; swap in a new snapshot if it changed and is valid."""
@@ -53,13 +62,16 @@ class ConfigHolder:
                 self.last_error = str(exc)
                 log.error("config reload refused, still serving sha256 %.12s: %s",
                           self.current.config.sha256, exc)
+                self._loaded("error")
                 return False
             if config.sha256 == self.current.config.sha256:
                 self.reloads["unchanged"] += 1
+                self._loaded("unchanged")
                 return False
             self.current = await snapshot.build(config, self.registry, self.resolver)
             self.reloads["ok"] += 1
             self.last_error = None
+            self._loaded("ok")
             log.info("config reloaded: sha256 %.12s, %d models",
                      config.sha256, len(config.models))
             return True

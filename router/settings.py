@@ -23,3 +23,11 @@ class Settings(BaseSettings):
     graceful_shutdown: float = 30.0
     #: Watch the routes file and reload on change (SIGHUP always reloads).
     watch: bool = True
+    #: Serve Prometheus metrics on ``GET /metrics`` (docs/observability.md).
+    metrics: bool = True
+    #: One JSON line per proxied request on stderr (docs/observability.md); off by
+    #: default: it costs about as much CPU per request as the metrics and tokens together.
+    access_log: bool = False
+    #: OpenTelemetry tracing: unset means "on when the ``OTEL_*`` variables ask for it"
+    #: (``router.telemetry.tracing_wanted``); true or false overrides them.
+    tracing: bool | None = None

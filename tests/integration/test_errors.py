@@ -74,9 +74,10 @@ def test_body_over_model_limit_is_413(router: Router) -> None:
 
 
 def test_body_over_router_limit_is_413(engines: dict, tmp_path) -> None:
+    import os
+
     from tests.conftest import routes_yaml, start_router, stop
 
-    import os
     os.environ["ROUTEYARD_MAX_REQUEST_SIZE"] = "4096"
     try:
         r = start_router(tmp_path, routes_yaml(engines))
@@ -114,8 +115,10 @@ def test_backend_timeout_is_504(router: Router, fake_only: None) -> None:
 
 
 @pytest.mark.parametrize("status", [400, 422, 500, 503])
-def test_backend_errors_pass_through_untouched(router: Router, fake_only: None, status: int) -> None:
-    body = '{"object":"error","message":"engine says no","type":"X","param":null,"code":%d}' % status
+def test_backend_errors_pass_through_untouched(router: Router, fake_only: None,
+                                               status: int) -> None:
+    body = ('{"object":"error","message":"engine says no","type":"X","param":null,'
+            f'"code":{status}}}')
     r = router.client.post(
         "/v1/chat/completions",
         json={"model": "chat-model", "messages": []},

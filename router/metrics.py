@@ -1,0 +1,325 @@
+"""Prometheus metrics, served on ``GET /metrics``; names and labels in docs/observability.md.
+
+**The request path does plain arithmetic only.** A finished request adds to Python ints
+and bucket lists of its (model, group, backend) ``Series`` (one ``bisect`` per histogram);
+once a second, and before every scrape, ``flush`` moves the sums into the
+``prometheus_client`` children and samples the gauges (in flight and health per backend,
+queue length per model) from the endpoints themselves. Updating ``prometheus_client``
+per request would cost about 1 µs per counter and 2 µs per histogram (a lock and, with
+several workers, a memory-mapped write each), several times what the arithmetic costs.
+Label children are made once per series, never per request.
+
+**Several workers.** With ``--workers N`` each worker writes its values to memory-mapped
+files in ``PROMETHEUS_MULTIPROC_DIR`` (``routeyard serve`` makes a fresh directory per run
+before the workers start) and a scrape, whichever worker answers it, merges the files of
+all of them: counters and histograms add up, the in-flight and queue gauges add up over
+live workers, backend health takes the minimum (a backend is up only if every worker sees
+it up). The other workers' figures are at most one flush (1 s) old. ``prometheus_client``
+picks its storage when it is imported, so this module imports it only inside ``Metrics``.
+
+A scrape renders in a thread, so the event loop keeps relaying while the files are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from router.cluster import Endpoint
+    from router.snapshot import ModelEntry
+    from router.telemetry import Exchange
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FLUSH_INTERVAL = 1.0
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0, 600.0)
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0)
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 1.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Histo:
+    """Observations of one histogram child since the last flush."""
+
+    __slots__ = ("bounds", "child", "counts", "sum")
+
+    def __init__(self, child: Any, bounds: tuple[float, ...]) -> None:
+        self.child = child
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        # flush() adds to the child's bucket values directly: check they are where expected
+        if len(child._buckets) != len(self.counts) or not hasattr(child, "_sum"):
+            raise RuntimeError("unsupported prometheus_client version: Histogram internals")
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # "le" buckets: value <= bound
+        self.sum += value
+
+    def flush(self) -> None:
+        counts = self.counts
+        if any(counts):
+            buckets = self.child._buckets
+            for i, n in enumerate(counts):
+                if n:
+                    buckets[i].inc(n)
+                    counts[i] = 0
+            self.child._sum.inc(self.sum)
+            self.sum = 0.0
+
+
+class Series:
+    """The requests of one (model, group, backend) since the last flush."""
+
+    __slots__ = ("codes", "counters", "duration", "labels", "overhead", "ttfb")
+
+    def __init__(self, metrics: Metrics, model: str, group: str, backend: str) -> None:
+        self.labels = (model, group, backend)
+        self.codes: dict[int, int] = {}
+        self.counters: dict[int, Any] = {}
+        self.duration = Histo(metrics.duration.labels(model, group, backend), DURATION_BUCKETS)
+        self.ttfb = Histo(metrics.ttfb.labels(model, group, backend), TTFB_BUCKETS)
+        self.overhead = Histo(metrics.overhead.labels(model, group), OVERHEAD_BUCKETS)
+
+    def flush(self, metrics: Metrics) -> None:
+        if self.codes:
+            codes = self.codes
+            self.codes = {}
+            for status, n in codes.items():
+                counter = self.counters.get(status)
+                if counter is None:
+                    counter = self.counters[status] = metrics.requests.labels(
+                        *self.labels, str(status))
+                counter.inc(n)
+        self.duration.flush()
+        self.ttfb.flush()
+        self.overhead.flush()
+
+
+class ModelSeries:
+    """Per model: token sums (flushed) and the rare events (updated directly)."""
+
+    __slots__ = ("input_tokens", "output_tokens", "queue_wait", "rejected", "tokens")
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.tokens = (metrics.tokens.labels(model, "input"),
+                       metrics.tokens.labels(model, "output"))
+        self.queue_wait = metrics.queue_wait.labels(model)
+        self.rejected = metrics.queue_rejections.labels(model)
+
+    def flush(self) -> None:
+        if self.input_tokens:
+            self.tokens[0].inc(self.input_tokens)
+            self.input_tokens = 0
+        if self.output_tokens:
+            self.tokens[1].inc(self.output_tokens)
+            self.output_tokens = 0
+
+
+class Metrics:
+    """Every metric of one worker, its flush, and the scrape."""
+
+    def __init__(self) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
+
+        disable_created_metrics()  # no *_created series: the multi-worker scrape has none
+        self.multiprocess = multiprocess()
+        registry = None if self.multiprocess else CollectorRegistry(auto_describe=True)
+        if self.multiprocess:
+            from prometheus_client import multiprocess as mp
+
+            self.registry = CollectorRegistry()
+            mp.MultiProcessCollector(self.registry)
+        else:
+            assert registry is not None
+            self.registry = registry
+        r = {"registry": registry}
+        rg = ["model", "group", "backend"]
+        self.requests = Counter(
+            "routeyard_requests", "Proxied requests by model, endpoint group, backend and "
+            "HTTP status code (router-made errors included; backend empty when none was "
+            "chosen).", [*rg, "code"], **r)
+        self.duration = Histogram(
+            "routeyard_request_duration_seconds", "From request arrival to the last byte of "
+            "the response.", rg, buckets=DURATION_BUCKETS, **r)
+        self.ttfb = Histogram(
+            "routeyard_time_to_first_byte_seconds", "From request arrival to the first byte "
+            "of the response body from the backend.", rg, buckets=TTFB_BUCKETS, **r)
+        self.overhead = Histogram(
+            "routeyard_router_overhead_seconds", "From request arrival to the first upstream "
+            "request being sent (includes any queue wait).", ["model", "group"],
+            buckets=OVERHEAD_BUCKETS, **r)
+        self.in_flight = Gauge(
+            "routeyard_backend_in_flight_requests", "Requests in flight to each backend.",
+            ["backend"], multiprocess_mode="livesum", **r)
+        self.backend_up = Gauge(
+            "routeyard_backend_up", "1 when the backend is healthy and not ejected (with "
+            "several workers: in every worker), else 0.", ["backend"],
+            multiprocess_mode="livemin", **r)
+        self.retries = Counter(
+            "routeyard_retries", "Requests retried on another backend, by the backend that "
+            "failed.", ["model", "backend"], **r)
+        self.queue_wait = Histogram(
+            "routeyard_queue_wait_seconds", "Time waited for a free backend, for requests "
+            "that had to wait.", ["model"], buckets=QUEUE_BUCKETS, **r)
+        self.queued = Gauge(
+            "routeyard_queued_requests", "Requests waiting for a free backend.", ["model"],
+            multiprocess_mode="livesum", **r)
+        self.queue_rejections = Counter(
+            "routeyard_queue_rejections", "Requests answered 429 because the queue was full "
+            "or no backend freed up in time.", ["model"], **r)
+        self.tokens = Counter(
+            "routeyard_tokens", "Tokens reported in responses' usage, by model and type "
+            "(input, output).", ["model", "type"], **r)
+        self.reloads = Counter(
+            "routeyard_config_reloads", "Config reloads by result (ok, error, unchanged); "
+            "each worker counts its own.", ["result"], **r)
+        self.config_info = Gauge(
+            "routeyard_config_info", "1 for the sha256 of the routes file being served (0 for "
+            "one served earlier in this run, with several workers).",
+            ["sha256"], multiprocess_mode="livemax", **r)
+        self._series: dict[tuple[str, str, str], Series] = {}
+        self._models: dict[str, ModelSeries] = {}
+        self._backends: dict[str, tuple[Any, Any]] = {}
+        self._queues: dict[str, Any] = {}
+        self._sha: str | None = None
+        self._sources: Callable[[], tuple[Iterable[Endpoint], Iterable[ModelEntry]]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the request path: plain arithmetic ------------------------------------------------
+    def series(self, model: str, group: str, backend: str) -> Series:
+        key = (model, group, backend)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = Series(self, model, group, backend)
+        return series
+
+    def model(self, name: str) -> ModelSeries:
+        series = self._models.get(name)
+        if series is None:
+            series = self._models[name] = ModelSeries(self, name)
+        return series
+
+    def record(self, ex: Exchange, end: float) -> None:
+        """One finished request."""
+        series = self._series.get((ex.label_model, ex.group, ex.backend))
+        if series is None:
+            series = self.series(ex.label_model, ex.group, ex.backend)
+        codes = series.codes
+        codes[ex.status] = codes.get(ex.status, 0) + 1
+        t0 = ex.t0
+        series.duration.observe(end - t0)
+        if ex.t_first:
+            series.ttfb.observe(ex.t_first - t0)
+        if ex.t_sent:
+            series.overhead.observe(ex.t_sent - t0)
+        if ex.input_tokens or ex.output_tokens:
+            model = self.model(ex.label_model)
+            if ex.input_tokens:
+                model.input_tokens += ex.input_tokens
+            if ex.output_tokens:
+                model.output_tokens += ex.output_tokens
+
+    # -- once a second, and before a scrape ------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop,
+              sources: Callable[[], tuple[Iterable[Endpoint], Iterable[ModelEntry]]]) -> None:
+        """Flush every ``FLUSH_INTERVAL``; ``sources`` gives the endpoints and models now."""
+        self._sources = sources
+        self._tick(loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.flush()
+        self._timer = loop.call_later(FLUSH_INTERVAL, self._tick, loop)
+
+    def flush(self) -> None:
+        for series in self._series.values():
+            series.flush(self)
+        for model in self._models.values():
+            model.flush()
+        if self._sources is not None:
+            endpoints, models = self._sources()
+            self._sample_backends(endpoints)
+            for entry in models:
+                gauge = self._queues.get(entry.name)
+                if gauge is None:
+                    gauge = self._queues[entry.name] = self.queued.labels(entry.name)
+                gauge.set(len(entry.cluster.waiters))
+
+    def _sample_backends(self, endpoints: Iterable[Endpoint]) -> None:
+        seen = set()
+        for endpoint in endpoints:
+            key = endpoint.key
+            seen.add(key)
+            pair = self._backends.get(key)
+            if pair is None:
+                pair = self._backends[key] = (self.in_flight.labels(key),
+                                              self.backend_up.labels(key))
+            pair[0].set(endpoint.in_flight)
+            pair[1].set(1 if endpoint.up else 0)
+        for key in [k for k in self._backends if k not in seen]:  # gone from the config
+            in_flight, _up = self._backends.pop(key)
+            if self.multiprocess:  # a shared file cannot forget a series
+                in_flight.set(0)
+            else:
+                self.in_flight.remove(key)
+                self.backend_up.remove(key)
+
+    def config_loaded(self, result: str | None, sha256: str) -> None:
+        """A (re)load attempt: ``result`` is None for the first load."""
+        if result is not None:
+            self.reloads.labels(result).inc()
+        if sha256 != self._sha:
+            if self._sha is not None:
+                if self.multiprocess:
+                    self.config_info.labels(self._sha).set(0)
+                else:
+                    self.config_info.remove(self._sha)
+            self.config_info.labels(sha256).set(1)
+            self._sha = sha256
+
+    # -- the scrape --------------------------------------------------------------------------
+    def render_now(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    async def render(self) -> bytes:
+        self.flush()
+        return await asyncio.get_running_loop().run_in_executor(None, self.render_now)
+
+    def close(self) -> None:
+        """At worker stop: flush, then drop this worker's live gauges from the shared files."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
+        if self.multiprocess:
+            from prometheus_client import multiprocess as mp
+
+            mp.mark_process_dead(os.getpid())
+
+
+def prepare_multiprocess_dir(path: str) -> None:
+    """Empty a user-given ``PROMETHEUS_MULTIPROC_DIR`` of a previous run's files."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))

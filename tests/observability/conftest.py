@@ -1,0 +1,254 @@
+"""Observability fixtures: an in-memory OTLP collector (HTTP and gRPC) and routers whose
+environment a test chooses (tracing, metrics and access log switches, workers).
+
+The router runs as its own process and is observed only from outside: spans arrive at the
+collector over OTLP exactly as they would at an OpenTelemetry Collector, metrics come from
+``GET /metrics``, the access log from the router's stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, free_port, stop, wait_healthy
+
+KIND_NAMES = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+
+
+@dataclass
+class Span:
+    name: str
+    kind: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, Any]
+    status: int  # 0 unset, 1 ok, 2 error
+    service: str
+
+
+def _value(any_value: Any) -> Any:
+    which = any_value.WhichOneof("value")
+    return getattr(any_value, which) if which else None
+
+
+def _spans(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Span]:
+    out = []
+    for resource_spans in request.resource_spans:
+        resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for s in scope_spans.spans:
+                out.append(Span(
+                    name=s.name, kind=KIND_NAMES.get(s.kind, str(s.kind)),
+                    trace_id=s.trace_id.hex(), span_id=s.span_id.hex(),
+                    parent_id=s.parent_span_id.hex(),
+                    attributes={a.key: _value(a.value) for a in s.attributes},
+                    status=s.status.code, service=resource.get("service.name", ""),
+                ))
+    return out
+
+
+class Collector:
+    """Keeps every span it receives, in memory; ``wait_trace`` polls for a whole trace."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.lock = threading.Lock()
+        self.port = free_port()
+
+    def add(self, body: bytes) -> None:
+        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        with self.lock:
+            self.spans.extend(_spans(request))
+
+    def trace(self, trace_id: str) -> list[Span]:
+        with self.lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def wait_trace(self, trace_id: str, count: int, timeout: float = 10) -> list[Span]:
+        """The spans of ``trace_id`` once ``count`` arrived (batches leave every 100 ms)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            spans = self.trace(trace_id)
+            if len(spans) >= count:
+                time.sleep(0.2)  # anything more would be a bug: let it show
+                return self.trace(trace_id)
+            time.sleep(0.05)
+        raise AssertionError(f"trace {trace_id}: {len(self.trace(trace_id))} spans, "
+                             f"expected {count} within {timeout}s")
+
+    def find(self, predicate: Callable[[Span], bool], timeout: float = 10) -> Span:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for span in self.spans:
+                    if predicate(span):
+                        return span
+            time.sleep(0.05)
+        raise AssertionError("no such span arrived")
+
+
+class _OtlpHttpHandler(BaseHTTPRequestHandler):
+    collector: Collector
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.path == "/v1/traces":
+            self.collector.add(body)
+            payload = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+        else:
+            payload = b""
+            self.send_response(404)
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def otlp_http() -> Iterator[Collector]:
+    """An OTLP/HTTP (protobuf) collector on 127.0.0.1."""
+    collector = Collector()
+    handler = type("Handler", (_OtlpHttpHandler,), {"collector": collector})
+    server = ThreadingHTTPServer(("127.0.0.1", collector.port), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield collector
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def otlp_grpc() -> Iterator[Collector]:
+    """An OTLP/gRPC collector on 127.0.0.1."""
+    import grpc
+
+    collector = Collector()
+
+    class Service(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:
+            collector.add(request.SerializeToString())
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
+    server.add_insecure_port(f"127.0.0.1:{collector.port}")
+    server.start()
+    yield collector
+    server.stop(None)
+
+
+@dataclass
+class ObservedRouter:
+    url: str
+    config: Path
+    proc: subprocess.Popen
+    log: Path
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """``GET /metrics`` parsed: (sample name, sorted labels) → value."""
+        response = httpx.get(f"{self.url}/metrics", timeout=10)
+        assert response.status_code == 200, response.text
+        samples = {}
+        for family in text_string_to_metric_families(response.text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return samples
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"routeyard.access"' in line:
+                lines.append(json.loads(line))
+        return lines
+
+    def access_line(self, request_id: str, timeout: float = 5) -> dict[str, Any]:
+        """The access log line of ``request_id`` (lines are flushed every 100 ms)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.access_lines():
+                if line["request_id"] == request_id:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no access log line for {request_id} in {self.log}")
+
+
+def start_observed(tmp_path: Path, routes: str, env: dict[str, str], *,
+                   workers: int = 1) -> ObservedRouter:
+    """A router process with ``env`` on top of a clean environment (no inherited OTEL_*)."""
+    config = tmp_path / "routes.yaml"
+    config.write_text(routes)
+    port = free_port()
+    log = tmp_path / f"router-{port}.log"
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("OTEL_", "ROUTEYARD_", "PROMETHEUS_"))}
+    args = [sys.executable, "-m", "router.cli", "serve", "--config", str(config),
+            "--port", str(port), "--workers", str(workers)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True, env={**base, **env})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc)
+    except RuntimeError:
+        stop(proc)
+        raise RuntimeError(f"router failed to start:\n{log.read_text()[-3000:]}") from None
+    return ObservedRouter(f"http://127.0.0.1:{port}", config, proc, log)
+
+
+def chat_routes(engines: dict[str, str], extra: str = "",
+                health: str = "{enabled: false}") -> str:
+    """A chat model on the shared fake engine (by default no health checks: no probe noise)."""
+    return (
+        f"defaults:\n  health_checks: {health}\n"
+        "models:\n"
+        "  obs-chat:\n"
+        f"    backends: [{{url: {engines['generate']}}}]\n"
+        "    backend_model: chat-model\n"
+        "    endpoints: [chat, completions, responses, messages]\n" + extra
+    )
+
+
+def traceparent(trace_id: str, span_id: str) -> str:
+    return f"00-{trace_id}-{span_id}-01"
+
+
+def engine_request(engines: dict[str, str], request_id: str) -> dict[str, Any]:
+    """What the fake engine received for ``request_id`` (its headers included)."""
+    for entry in httpx.get(f"{engines['generate']}/_fake/requests").json():
+        if entry["request_id"] == request_id:
+            return entry
+    raise AssertionError(f"the engine never saw {request_id}")
+
+
+@pytest.fixture(scope="session")
+def logged(engines: dict[str, str],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedRouter]:
+    """The access log on (it is off by default), tracing off."""
+    router = start_observed(tmp_path_factory.mktemp("logged"), chat_routes(engines),
+                            {"ROUTEYARD_ACCESS_LOG": "true"})
+    yield router
+    stop(router.proc)
