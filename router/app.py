@@ -7,10 +7,8 @@ serves it under another, and hand over to the relay. Everything else was done at
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,7 +17,10 @@ import orjson
 from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 
+from router.batch import BatchService, register
 from router.catalog import PROXIED, ModelSource, Route, StreamFormat
+from router.config import load_file
+from router.dispatch import RouterDispatcher
 from router.errors import (
     ClientError,
     EndpointNotEnabled,
@@ -37,24 +38,18 @@ from router.model_field import (
     rewrite_form_model,
     rewrite_json_model,
 )
-from router.relay import forward
+from router.relay import forward, new_request_id
 from router.reload import ConfigHolder
 from router.settings import Settings
+from router.snapshot import Snapshot
 from router.telemetry import GEN_AI_OPERATIONS, Exchange, Observer, tracing_wanted
+from router.tenants.keys import Tenant
+from router.tenants.limits import Limiter, build_limiter, estimate_tokens
 
 log = logging.getLogger("routeyard")
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 Handler = Callable[[Request], Awaitable[HTTPResponse | None]]
-
-
-_ID_PREFIX = secrets.token_hex(6)
-_ID_COUNTER = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """A unique id without a syscall per request: a random per-process prefix and a counter."""
-    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
 
 
 class State:
@@ -64,6 +59,7 @@ class State:
     health: HealthMonitor
     #: Metrics, tracing and the access log; None when all three are off.
     observer: Observer | None = None
+    limiter: Limiter
     draining = False
 
 
@@ -82,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Sanic:
     )
     state = State()
     app.ctx.state = state
+    batch = _batch_service(settings.config, app, state)
     tracing = tracing_wanted(os.environ, settings.tracing)
     observing = settings.metrics or settings.access_log or tracing
 
@@ -102,6 +99,9 @@ def create_app(settings: Settings | None = None) -> Sanic:
         state.holder.install_sighup(app.loop)
         if settings.watch:
             app.add_task(state.holder.watch(), name="routeyard.watch")
+        state.limiter = build_limiter()
+        if batch is not None:
+            await batch.start(RouterDispatcher(state.holder, state.health))
         app.add_task(state.health.run(), name="routeyard.health")
         app.add_task(state.holder.refresh_dns(), name="routeyard.dns")
 
@@ -111,6 +111,9 @@ def create_app(settings: Settings | None = None) -> Sanic:
 
     @app.after_server_stop
     async def close_pools(app: Sanic) -> None:
+        if batch is not None:
+            await batch.close(grace=settings.graceful_shutdown)
+        await state.limiter.close()
         state.health.close()
         state.holder.close()
         if state.observer is not None:
@@ -133,7 +136,16 @@ def create_app(settings: Settings | None = None) -> Sanic:
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> HTTPResponse:
-        return HTTPResponse(state.holder.current.models_body, content_type=JSON)
+        snapshot = state.holder.current
+        tenant = _authenticate(snapshot, request)
+        return HTTPResponse(snapshot.models_body_for(tenant), content_type=JSON)
+
+    def admin_only(request: Request) -> None:
+        """``/admin/*`` needs an admin key once ``auth:`` is configured."""
+        auth = state.holder.current.auth
+        if auth is not None:
+            headers = request.headers
+            auth.authenticate_admin(headers.get("authorization"), headers.get("x-api-key"))
 
     @app.get("/health")
     async def health(request: Request) -> HTTPResponse:
@@ -151,6 +163,7 @@ def create_app(settings: Settings | None = None) -> Sanic:
 
     @app.get("/admin/backends")
     async def admin_backends(request: Request) -> HTTPResponse:
+        admin_only(request)
         models = state.holder.current.models
         body = {
             name: {"policy": m.cluster.config.policy, "in_flight": m.cluster.in_flight,
@@ -161,6 +174,7 @@ def create_app(settings: Settings | None = None) -> Sanic:
 
     @app.get("/admin/config")
     async def admin_config(request: Request) -> HTTPResponse:
+        admin_only(request)
         holder = state.holder
         body = {
             **holder.current.summary(),
@@ -217,9 +231,13 @@ def _proxy_handler(route: Route, state: State) -> Handler:
         body = request.body
         request_id = request.ctx.request_id = (
             request.headers.get("x-request-id") or new_request_id())
+        tenant = _authenticate(snapshot, request)
         observer = state.observer
+        if observer is None and tenant is not None:
+            observer = _SILENT  # token limits need the usage an Exchange reads
         ex = None if observer is None else Exchange(observer, request, group, operation,
                                                     request_id)
+        admission = None
         try:
             if from_form:
                 data: dict[str, Any] = dict(request.form or {})
@@ -227,6 +245,8 @@ def _proxy_handler(route: Route, state: State) -> Handler:
             else:
                 name, data = model_from_json(body)
             model = snapshot.models.get(name)
+            if tenant is not None and not tenant.can_use(name):
+                model = None  # do not reveal models this key may not see
             if ex is not None:
                 ex.matched(name, model)
             if model is None:
@@ -241,19 +261,58 @@ def _proxy_handler(route: Route, state: State) -> Handler:
             if model.backend_model:
                 rewrite = rewrite_form_model if from_form else rewrite_json_model
                 body = rewrite(body, model.backend_model)
+            extra: list[tuple[str, str]] = []
+            if tenant is not None:
+                estimate = estimate_tokens(0 if from_form else len(body), data)
+                admission = await state.limiter.admit(tenant, name, estimate)
+                extra = list(admission.headers.items())
             key = model.key_of(request.headers, data) if model.key_of else None
             outlier = snapshot.config.outlier_detection
             response = await forward(request, model, body, request_id, sse_errors, key,
-                                     outlier, state.health.eject, ex)
+                                     outlier, state.health.eject, ex, extra,
+                                     strip_keys=tenant is not None)
         except BaseException as exc:
             if ex is not None:
                 ex.finish(exc)
+            if admission is not None:
+                await state.limiter.record(admission, None)
             raise
         if ex is not None:
             ex.finish(None)
+        if admission is not None:
+            used = None
+            if ex is not None and ex.input_tokens is not None:
+                used = ex.input_tokens + (ex.output_tokens or 0)
+            await state.limiter.record(admission, used)
         return response
 
     return proxy
+
+
+_SILENT = Observer(tracing=None, metrics=None, access=None)
+
+
+def _batch_service(config_path: str, app: Sanic, state: State) -> BatchService | None:
+    """The Files and Batch API, when routes.yaml has a ``batch:`` block (read at start)."""
+    config = load_file(config_path).batch
+    if config is None:
+        return None
+    service = BatchService(config)
+
+    def tenant_of(request: Request) -> str | None:
+        tenant = _authenticate(state.holder.current, request)
+        return tenant.tenant_id if tenant is not None else None
+
+    register(app, service, tenant_of)
+    return service
+
+
+def _authenticate(snapshot: Snapshot, request: Request) -> Tenant | None:
+    """The request's tenant when ``auth:`` is configured (401 without a valid key)."""
+    if snapshot.auth is None:
+        return None
+    headers = request.headers
+    return snapshot.auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
 
 
 def _error_response(request: Request, exc: Exception) -> HTTPResponse:

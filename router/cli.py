@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import shutil
@@ -27,8 +28,17 @@ DEMO_ENGINES = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hash-key"]:
+        from router.tenants.cli import hash_key_command
+
+        return hash_key_command(argv[1:])
     parser = argparse.ArgumentParser(prog="routeyard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("hash-key", help="print a new API key and the hash for routes.yaml")
+    worker = sub.add_parser("batch-worker",
+                            help="run batch workers only (the batch: block of the routes file)")
+    worker.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG)")
 
     serve = sub.add_parser("serve", help="run the router")
     serve.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG)")
@@ -71,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     compat.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
 
     args = parser.parse_args(argv)
+    if args.command == "batch-worker":
+        settings = Settings(**({"config": args.config} if args.config else {}))
+        _setup_logging(settings.log_level)
+        return asyncio.run(batch_worker(settings.config))
     if args.command == "compat":
         return compat_command(args)
     if args.command == "serve":
@@ -86,6 +100,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             token_delay_ms=args.token_delay_ms, tokens=args.tokens)
         return 0
     return demo_command(args.host, args.port, args.engine_base_port)
+
+
+async def batch_worker(config_path: str) -> int:
+    """A process that only runs batches, through its own routing core (same routes file:
+    allowlists, balancing, health and retries), until SIGTERM."""
+    from router.batch import run_worker
+    from router.dispatch import RouterDispatcher
+    from router.health import HealthMonitor
+    from router.reload import ConfigHolder
+
+    holder = ConfigHolder(config_path)
+    try:
+        await holder.load()
+    except ConfigError as exc:
+        print(f"routeyard: {exc}", file=sys.stderr)
+        return 1
+    batch = holder.current.config.batch
+    if batch is None:
+        print(f"routeyard: {config_path} has no `batch:` block", file=sys.stderr)
+        return 1
+    health = HealthMonitor(holder)
+    tasks = [asyncio.create_task(t) for t in (holder.watch(), health.run(), holder.refresh_dns())]
+    try:
+        await run_worker(batch, RouterDispatcher(holder, health))
+    finally:
+        for task in tasks:
+            task.cancel()
+        health.close()
+        holder.close()
+    return 0
 
 
 def compat_command(args: argparse.Namespace) -> int:

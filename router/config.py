@@ -8,6 +8,7 @@ pydantic. Any problem becomes a ``ConfigError`` that names the file, line and co
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -26,6 +27,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from router.batch.config import BatchConfig
 from router.catalog import GROUPS
 from router.tenants.config import AuthConfig, ResolvedAuth, resolve_auth
 
@@ -200,6 +202,7 @@ class RoutesFile(_Strict):
     defaults: Defaults = Defaults()
     models: dict[str, ModelSpec]
     auth: AuthConfig | None = None
+    batch: BatchConfig | None = None
 
 
 class ModelConfig(_Strict):
@@ -224,6 +227,8 @@ class RoutesConfig(_Strict):
 
     models: dict[str, ModelConfig]
     auth: ResolvedAuth | None
+    #: Read at start only: the Files/Batch API sets up its database and storage once.
+    batch: BatchConfig | None
     health_checks: HealthChecks
     outlier_detection: OutlierDetection
     dns_refresh: float
@@ -303,9 +308,15 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -
             auth = resolve_auth(routes.auth, Path(source).parent)
         except ValueError as exc:
             raise ConfigError(source, f"auth: {exc}", *_position(tree, ("auth",))) from None
+    batch = routes.batch
+    if batch is not None and os.environ.get("ROUTEYARD_BATCH_DATABASE_URL"):
+        # Keeps a database password out of routes.yaml (a Secret as an env var).
+        url = os.environ["ROUTEYARD_BATCH_DATABASE_URL"]
+        batch = batch.model_copy(update={"database_url": url})
     return RoutesConfig(
         models=models,
         auth=auth,
+        batch=batch,
         health_checks=d.health_checks,
         outlier_detection=d.outlier_detection,
         dns_refresh=d.dns_refresh,

@@ -193,6 +193,8 @@ class Metrics:
         self.reloads = Counter(
             "routeyard_config_reloads", "Config reloads by result (ok, error, unchanged); "
             "each worker counts its own.", ["result"], **r)
+        for result in ("ok", "error", "unchanged"):
+            self.reloads.labels(result)  # export zeros: rate() needs the series to exist
         self.config_info = Gauge(
             "routeyard_config_info", "1 for the sha256 of the routes file being served (0 for "
             "one served earlier in this run, with several workers).",

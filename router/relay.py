@@ -12,11 +12,13 @@ connection is aborted, so the engine stops generating.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
+import secrets
 from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sanic import HTTPResponse, Request
@@ -33,6 +35,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("routeyard.relay")
 
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A unique id without a syscall per request: a random per-process prefix and a counter."""
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+
 #: RFC 9110 §7.6.1 hop-by-hop headers, plus those the router sets itself.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -46,24 +56,34 @@ _RESPONSE_SKIP = frozenset({
 #: With tracing on, the router writes its own trace headers in place of the incoming ones.
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 HOP_BY_HOP_TRACED = HOP_BY_HOP | TRACE_HEADERS
+#: Where clients put their API key; never forwarded to the engine when auth is on.
+CLIENT_KEY_HEADERS = frozenset({"authorization", "x-api-key"})
 #: Backend answers that are retried on another endpoint (nothing has reached the client).
 RETRY_STATUSES = frozenset({502, 503})
 #: Bodies of known length up to this size are read whole and sent in one write.
 SMALL_BODY = 1024 * 1024
 
 
-def build_head(request: Request, endpoint: Endpoint, body_length: int, request_id: str,
-               trace: str | None = None) -> bytes:
+def build_head(
+    method: str,
+    target: str,
+    headers: Any,
+    endpoint: Endpoint,
+    body_length: int,
+    request_id: str,
+    client_ip: str,
+    trace: str | None = None,
+) -> bytes:
     """The request line and headers for the backend, ending in the blank line.
 
-    ``trace`` (header lines from ``Tracing.attempt``) replaces the incoming
+    ``headers`` is the client's (anything with ``items()`` and ``get()`` of lower-case
+    names). ``trace`` (header lines from ``Tracing.attempt``) replaces the incoming
     ``traceparent``/``tracestate``; without it they pass through unchanged."""
     origin = endpoint.origin
     parts = [
-        f"{request.method} {origin.base_path}{request.raw_url.decode('latin-1')} HTTP/1.1\r\n"
+        f"{method} {origin.base_path}{target} HTTP/1.1\r\n"
         f"host: {origin.host_header.decode()}\r\ncontent-length: {body_length}\r\n"
     ]
-    headers = request.headers
     skip = HOP_BY_HOP
     if trace is not None:
         skip = HOP_BY_HOP_TRACED
@@ -77,9 +97,12 @@ def build_head(request: Request, endpoint: Endpoint, body_length: int, request_i
     if "x-request-id" not in headers:
         parts.append(f"x-request-id: {request_id}\r\n")
     forwarded = headers.get("x-forwarded-for")
-    client = request.conn_info.client_ip if request.conn_info else ""
-    parts.append(f"x-forwarded-for: {forwarded + ', ' if forwarded else ''}{client}\r\n\r\n")
+    parts.append(f"x-forwarded-for: {forwarded + ', ' if forwarded else ''}{client_ip}\r\n\r\n")
     return "".join(parts).encode("latin-1", "surrogateescape")
+
+
+#: Builds the head for one attempt: (endpoint, trace header lines or None) → bytes.
+HeadBuilder = Callable[[Endpoint, "str | None"], bytes]
 
 
 async def forward(
@@ -92,15 +115,50 @@ async def forward(
     outlier: OutlierDetection,
     on_eject: Callable[[Endpoint], None],
     ex: Exchange | None = None,
+    extra_headers: list[tuple[str, str]] | None = None,
+    strip_keys: bool = False,
 ) -> HTTPResponse | None:
     """Send the request to one of the model's endpoints and relay the answer.
 
-    A failure before any byte went to the client (connect error or timeout, connection
-    reset, a 502/503 answer) is retried on another endpoint that is up, with jittered
-    exponential backoff, up to ``retries.attempts`` times. Nothing is retried once the
-    response has started, and a first-byte timeout is not retried (the engine may be
-    working on it; waiting that long twice helps nobody). ``ex``, when metrics, tracing or
-    the access log are on, records what happened."""
+    ``extra_headers`` go on the response (rate-limit headers); ``strip_keys`` keeps the
+    client's API key from the engine (it is the router's key, not the engine's)."""
+    method, target = request.method, request.raw_url.decode("latin-1")
+    headers, length = request.headers, len(body)
+    if strip_keys:
+        headers = Header([(k, v) for k, v in headers.items() if k not in CLIENT_KEY_HEADERS])
+    client_ip = request.conn_info.client_ip if request.conn_info else ""
+
+    def head(endpoint: Endpoint, trace: str | None) -> bytes:
+        return build_head(method, target, headers, endpoint, length, request_id, client_ip,
+                          trace)
+
+    endpoint, response = await exchange(model, head, body, key, outlier, on_eject, ex)
+    try:
+        return await _relay(request, response, request_id, sse_errors, ex, extra_headers)
+    finally:
+        model.cluster.release(endpoint)
+        if ex is not None and ex.client_span is not None:
+            ex.end_attempt()
+
+
+async def exchange(
+    model: ModelEntry,
+    head: HeadBuilder,
+    body: bytes,
+    key: str | None,
+    outlier: OutlierDetection,
+    on_eject: Callable[[Endpoint], None],
+    ex: Exchange | None = None,
+) -> tuple[Endpoint, upstream.Response]:
+    """Pick an endpoint, send, and return it with the response's status and headers.
+
+    The endpoint stays acquired: the caller must ``model.cluster.release`` it once the
+    response is consumed. A failure before any byte went to the client (connect error or
+    timeout, connection reset, a 502/503 answer) is retried on another endpoint that is
+    up, with jittered exponential backoff, up to ``retries.attempts`` times. A first-byte
+    timeout is not retried (the engine may be working on it; waiting that long twice helps
+    nobody). ``ex``, when metrics, tracing or the access log are on, records what
+    happened."""
     cluster = model.cluster
     retries = model.retries
     tried: set[Endpoint] = set()
@@ -108,14 +166,15 @@ async def forward(
     while True:
         endpoint = cluster.try_acquire(key, tried) or await _queue(cluster, key, tried, ex)
         trace = ex.chosen(endpoint, attempt) if ex is not None else None
+        done = False
         try:
-            head = build_head(request, endpoint, len(body), request_id, trace)
+            request_head = head(endpoint, trace)
             if ex is not None and not ex.t_sent:
                 ex.t_sent = perf_counter()
             try:
                 response = await upstream.request(
                     endpoint.pool,
-                    head,
+                    request_head,
                     body,
                     connect_timeout=model.connect_timeout,
                     first_byte_timeout=model.first_byte_timeout,
@@ -133,22 +192,23 @@ async def forward(
                 status = response.status
                 if ex is not None:
                     ex.status = ex.attempt_status = status
-                if status in FAILURE_STATUSES:
-                    if endpoint.record_failure(f"status {status}", outlier):
-                        on_eject(endpoint)
-                    if (status in RETRY_STATUSES and attempt < retries.attempts
-                            and cluster.any_up(tried | {endpoint})):
-                        response.close()
-                        tried.add(endpoint)
-                    else:
-                        return await _relay(request, response, request_id, sse_errors, ex)
-                else:
+                if status not in FAILURE_STATUSES:
                     endpoint.record_success()
-                    return await _relay(request, response, request_id, sse_errors, ex)
+                    done = True
+                    return endpoint, response
+                if endpoint.record_failure(f"status {status}", outlier):
+                    on_eject(endpoint)
+                if not (status in RETRY_STATUSES and attempt < retries.attempts
+                        and cluster.any_up(tried | {endpoint})):
+                    done = True
+                    return endpoint, response
+                response.close()
+                tried.add(endpoint)
         finally:
-            cluster.release(endpoint)
-            if ex is not None and ex.client_span is not None:
-                ex.end_attempt()
+            if not done:
+                cluster.release(endpoint)
+                if ex is not None and ex.client_span is not None:
+                    ex.end_attempt()
         if ex is not None:
             ex.retrying()
         attempt += 1
@@ -179,7 +239,7 @@ async def _queue(
 
 async def _relay(
     request: Request, response: upstream.Response, request_id: str, sse_errors: bool,
-    ex: Exchange | None,
+    ex: Exchange | None, extra_headers: list[tuple[str, str]] | None = None,
 ) -> HTTPResponse | None:
     content_type = None
     length = -1
@@ -198,8 +258,13 @@ async def _relay(
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
     if not has_request_id:
         headers.append(("x-request-id", request_id))
+    if extra_headers:
+        headers.extend(extra_headers)
 
-    is_sse = content_type is not None and content_type.startswith("text/event-stream")
+    if content_type is None:
+        # Sanic would write a literal "None"; RFC 9110 §8.3: a recipient may assume this.
+        content_type = "application/octet-stream"
+    is_sse = content_type.startswith("text/event-stream")
     if response.complete or (0 <= length <= SMALL_BODY and not is_sse):
         try:
             body = await response.read()

@@ -64,7 +64,8 @@ class ConfigHolder:
                           self.current.config.sha256, exc)
                 self._loaded("error")
                 return False
-            if config.sha256 == self.current.config.sha256:
+            fingerprint = (config.sha256, config.auth.fingerprint if config.auth else None)
+            if fingerprint == self.current.fingerprint:
                 self.reloads["unchanged"] += 1
                 self._loaded("unchanged")
                 return False
@@ -76,10 +77,33 @@ class ConfigHolder:
                      config.sha256, len(config.models))
             return True
 
+    def watched(self) -> set[Path]:
+        """The directories to watch: the routes file's, and those of the key files its
+        ``auth:`` block reads (a Secret volume is usually mounted apart)."""
+        auth = self.current.config.auth
+        files = [self.path, *(auth.watch_paths if auth else ())]
+        return {f.absolute().parent for f in files}
+
+    def _relevant(self, _change: object, path: str) -> bool:
+        """A change to a watched file, or a Kubernetes volume swap (``..data``, ``..2026_``);
+        other files in the same directory (logs, editors' swap files) are ignored."""
+        name = Path(path).name
+        if name.startswith(".."):
+            return True
+        auth = self.current.config.auth
+        names = {self.path.name, *(p.name for p in (auth.watch_paths if auth else ()))}
+        return name in names
+
     async def watch(self) -> None:
-        """Reload on every change in the file's directory, until cancelled."""
-        async for _changes in awatch(self.path.absolute().parent, debounce=200, step=50):
-            await self.reload()
+        """Reload on every relevant change, until cancelled; re-arms when the set of
+        watched directories changes (a key file added to ``auth:``)."""
+        while True:
+            directories = self.watched()
+            async for _changes in awatch(*directories, watch_filter=self._relevant,
+                                         debounce=200, step=50):
+                await self.reload()
+                if self.watched() != directories:
+                    break
 
     async def refresh_dns(self) -> None:
         """Re-resolve DNS backends of the current snapshot, forever."""

@@ -10,8 +10,8 @@ snapshot, when a DNS refresh swaps in a new member set.)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -19,6 +19,7 @@ import orjson
 from router.cluster import Cluster, EndpointRegistry
 from router.config import ModelConfig, Retries, RoutesConfig
 from router.discovery import Resolver
+from router.tenants.keys import Authenticator, Tenant
 
 #: Reads the balancing key (session id or prompt prefix) from headers and parsed body.
 KeyFunction = Callable[[Any, dict[str, Any]], str | None]
@@ -45,6 +46,31 @@ class Snapshot:
     models: dict[str, ModelEntry]
     loaded_at: float
     models_body: bytes
+    #: None when routes.yaml has no ``auth:`` block (the router is open).
+    auth: Authenticator | None = None
+    #: /v1/models bodies per key id, filled on first use (keys see only their models).
+    models_bodies: dict[str, bytes] = field(default_factory=dict)
+
+    def models_body_for(self, tenant: Tenant | None) -> bytes:
+        if tenant is None:
+            return self.models_body
+        body = self.models_bodies.get(tenant.key_id)
+        if body is None:
+            names = tenant.visible_models(self.models)
+            body = self.models_bodies[tenant.key_id] = _models_body(names, self.loaded_at)
+        return body
+
+    def tenant_can_use(self, tenant_id: str | None, model: str) -> bool:
+        """For batch lines, which carry the tenant id only: any key of it may use ``model``."""
+        if self.auth is None or tenant_id is None:
+            return True
+        return any(t.tenant_id == tenant_id and t.can_use(model)
+                   for t in self.auth.tenants.values())
+
+    @property
+    def fingerprint(self) -> tuple[str, str | None]:
+        """What a reload compares: the routes file and the keys it points at."""
+        return self.config.sha256, self.auth.fingerprint if self.auth else None
 
     def endpoint_keys(self) -> set[str]:
         return {e.key for m in self.models.values() for e in m.cluster.endpoints}
@@ -79,14 +105,19 @@ async def build(config: RoutesConfig, registry: EndpointRegistry, resolver: Reso
     for name, model in config.models.items():
         cluster = Cluster(model, await resolver.members(model, registry))
         models[name] = _entry(model, cluster)
-    cards = [
-        {"id": name, "object": "model", "created": int(loaded_at), "owned_by": "routeyard"}
-        for name in models
-    ]
-    body = orjson.dumps({"object": "list", "data": cards})
-    snap = Snapshot(config=config, models=models, loaded_at=loaded_at, models_body=body)
+    auth = Authenticator(config.auth) if config.auth is not None else None
+    snap = Snapshot(config=config, models=models, loaded_at=loaded_at,
+                    models_body=_models_body(models, loaded_at), auth=auth)
     registry.retain(snap.endpoint_keys())
     return snap
+
+
+def _models_body(names: Iterable[str], loaded_at: float) -> bytes:
+    cards = [
+        {"id": name, "object": "model", "created": int(loaded_at), "owned_by": "routeyard"}
+        for name in names
+    ]
+    return orjson.dumps({"object": "list", "data": cards})
 
 
 def _entry(m: ModelConfig, cluster: Cluster) -> ModelEntry:
