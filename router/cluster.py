@@ -121,10 +121,11 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """An endpoint as one model sees it: with that model's weight for it."""
+    """An endpoint as one model sees it: with that model's weight and limit for it."""
 
     endpoint: Endpoint
     weight: int
+    max_in_flight: int | None = None
 
 
 class Cluster:

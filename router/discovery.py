@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from router.cluster import EndpointRegistry, Member
+from router.cluster import Cluster, Endpoint, EndpointRegistry, Member
 from router.config import ModelConfig
 
 log = logging.getLogger("routeyard.discovery")
@@ -49,7 +50,17 @@ class Resolver:
                 endpoints = [registry.get(backend.url, a) for a in addresses]
             else:
                 endpoints = [registry.get(backend.url)]
-            for endpoint in endpoints:
-                endpoint.max_in_flight = backend.max_in_flight
-                members.append(Member(endpoint, backend.weight))
+            members += [Member(e, backend.weight, backend.max_in_flight) for e in endpoints]
         return members
+
+
+def apply_limits(clusters: Iterable[Cluster]) -> None:
+    """Set each endpoint's ``max_in_flight``: the smallest any model declares for it (a
+    backend listed by two models has one capacity)."""
+    limits: dict[Endpoint, int | None] = {}
+    for cluster in clusters:
+        for member in cluster.members:
+            old, new = limits.get(member.endpoint), member.max_in_flight
+            limits[member.endpoint] = new if old is None else old if new is None else min(old, new)
+    for endpoint, limit in limits.items():
+        endpoint.max_in_flight = limit

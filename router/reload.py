@@ -21,7 +21,7 @@ from watchfiles import awatch
 from router import snapshot
 from router.cluster import EndpointRegistry
 from router.config import ConfigError, load_file
-from router.discovery import Resolver
+from router.discovery import Resolver, apply_limits
 from router.snapshot import Snapshot
 
 log = logging.getLogger("routeyard.reload")
@@ -117,6 +117,7 @@ class ConfigHolder:
                         members = await self.resolver.members(config, self.registry)
                         if members != list(model.cluster.members):
                             model.cluster.set_members(members)
+                apply_limits(m.cluster for m in current.models.values())
                 self.registry.retain(current.endpoint_keys())
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -18,7 +18,7 @@ import orjson
 
 from router.cluster import Cluster, EndpointRegistry
 from router.config import ModelConfig, Retries, RoutesConfig
-from router.discovery import Resolver
+from router.discovery import Resolver, apply_limits
 from router.tenants.keys import Authenticator, Tenant
 
 #: Reads the balancing key (session id or prompt prefix) from headers and parsed body.
@@ -105,6 +105,7 @@ async def build(config: RoutesConfig, registry: EndpointRegistry, resolver: Reso
     for name, model in config.models.items():
         cluster = Cluster(model, await resolver.members(model, registry))
         models[name] = _entry(model, cluster)
+    apply_limits(m.cluster for m in models.values())
     auth = Authenticator(config.auth) if config.auth is not None else None
     snap = Snapshot(config=config, models=models, loaded_at=loaded_at,
                     models_body=_models_body(models, loaded_at), auth=auth)
