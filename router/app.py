@@ -153,10 +153,17 @@ def create_app(settings: Settings | None = None) -> Sanic:
 
     @app.get("/ready")
     async def ready(request: Request) -> HTTPResponse:
+        """503 while draining; else by ``?models=``: ``all`` (default) needs a backend up
+        for every model, ``any`` for at least one, ``none`` only a loaded config (the
+        Kubernetes readiness probe: one model down must not empty the Service)."""
         if state.draining:
             return HTTPResponse(b'{"status":"draining"}', 503, content_type=JSON)
-        down = [m.name for m in state.holder.current.models.values() if not m.cluster.any_up()]
-        if down:
+        scope = request.args.get("models", "all")
+        if scope not in ("all", "any", "none"):
+            raise ClientError("`models` must be all, any or none.", param="models")
+        models = state.holder.current.models.values()
+        down = [m.name for m in models if not m.cluster.any_up()]
+        if (scope == "all" and down) or (scope == "any" and len(down) == len(models)):
             body = orjson.dumps({"status": "not ready", "models_without_backend": down})
             return HTTPResponse(body, 503, content_type=JSON)
         return HTTPResponse(b'{"status":"ready"}', content_type=JSON)

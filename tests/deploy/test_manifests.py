@@ -154,9 +154,10 @@ def test_probes_routes_volume_and_security(rendered, name: str) -> None:
     assert int(env["ROUTEYARD_PORT"]) == r.port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = r.container[probe]["httpGet"]
-        # Readiness is /health on purpose (deployment.yaml, docs/deployment.md): /ready
-        # turns 503 when any model lacks a backend, which would empty the Service.
-        assert get["path"] == "/health", probe
+        # Readiness is /ready?models=none (deployment.yaml, docs/deployment.md): plain
+        # /ready turns 503 when any model lacks a backend, which would empty the Service.
+        expected = "/ready?models=none" if probe == "readinessProbe" else "/health"
+        assert get["path"] == expected, probe
         assert get["port"] in ("http", r.port), probe
 
     # routes.yaml: the whole ConfigMap directory (hot reload), never a subPath.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -138,3 +140,15 @@ def test_router_errors_carry_the_request_id(router: Router) -> None:
     r = router.client.post("/v1/chat/completions", json={"model": "nope"},
                            headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_ready_scopes(router: Router) -> None:
+    """dead-model has no backend up: plain /ready is 503 naming it, the scopes are not."""
+    deadline = time.monotonic() + 15
+    while (r := router.client.get("/ready")).status_code != 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert "dead-model" in r.json()["models_without_backend"]
+    assert router.client.get("/ready", params={"models": "any"}).status_code == 200
+    assert router.client.get("/ready", params={"models": "none"}).status_code == 200
+    error_of(router.client.get("/ready", params={"models": "some"}), 400)
