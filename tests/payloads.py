@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-import io
-import math
-import struct
-import wave
-
 from router.catalog import ROUTES, ModelSource
+from router.compat.requests import wav_tone
 
-
-def wav_bytes(seconds: float = 0.5, rate: int = 16000) -> bytes:
-    """A short 440 Hz mono 16-bit WAV, made here (no data files)."""
-    frames = int(seconds * rate)
-    samples = b"".join(
-        struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate)))
-        for i in range(frames)
-    )
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples)
-    return out.getvalue()
-
-
-WAV = wav_bytes()
+WAV = wav_tone(seconds=0.5)
 
 JSON_BODIES: dict[str, dict] = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hello"}],
