@@ -33,9 +33,22 @@ class Endpoint:
     """One backend address: pool, in-flight count, health (active and passive)."""
 
     __slots__ = (
-        "active_failures", "active_successes", "clusters", "consecutive_failures", "ejected",
-        "ejected_until", "healthy", "in_flight", "key", "last_check", "last_error",
-        "max_in_flight", "origin", "pool", "url",
+        "active_failures",
+        "active_successes",
+        "api_key_header",
+        "clusters",
+        "consecutive_failures",
+        "ejected",
+        "ejected_until",
+        "healthy",
+        "in_flight",
+        "key",
+        "last_check",
+        "last_error",
+        "max_in_flight",
+        "origin",
+        "pool",
+        "url",
     )
 
     def __init__(self, key: str, url: str, origin: Origin) -> None:
@@ -45,6 +58,8 @@ class Endpoint:
         self.pool = Pool(origin)
         self.in_flight = 0
         self.max_in_flight: int | None = None
+        #: ``authorization: Bearer <engine key>\r\n`` when the engine runs with --api-key.
+        self.api_key_header: str | None = None
         self.healthy = True
         self.ejected = False
         self.ejected_until = 0.0
@@ -126,6 +141,7 @@ class Member:
     endpoint: Endpoint
     weight: int
     max_in_flight: int | None = None
+    api_key: str | None = None
 
 
 class Cluster:

@@ -142,6 +142,19 @@ class Backend(_Strict):
     weight: int = Field(default=1, ge=1, le=1000)
     max_in_flight: int | None = Field(default=None, ge=1)
     discovery: Literal["static", "dns"] = "static"
+    #: Name of an environment variable holding the engine's own ``--api-key``.
+    api_key_env: str | None = Field(default=None, min_length=1)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_key_env(cls, name: str | None) -> str | None:
+        if name is not None and not os.environ.get(name):
+            raise ValueError(f"the environment variable {name} (api_key_env) is not set")
+        return name
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     @field_validator("url")
     @classmethod

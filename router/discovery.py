@@ -50,17 +50,22 @@ class Resolver:
                 endpoints = [registry.get(backend.url, a) for a in addresses]
             else:
                 endpoints = [registry.get(backend.url)]
-            members += [Member(e, backend.weight, backend.max_in_flight) for e in endpoints]
+            members += [Member(e, backend.weight, backend.max_in_flight, backend.api_key)
+                        for e in endpoints]
         return members
 
 
 def apply_limits(clusters: Iterable[Cluster]) -> None:
-    """Set each endpoint's ``max_in_flight``: the smallest any model declares for it (a
-    backend listed by two models has one capacity)."""
+    """Set each endpoint's ``max_in_flight`` (the smallest any model declares for it: a
+    backend listed by two models has one capacity) and its engine API key."""
     limits: dict[Endpoint, int | None] = {}
+    keys: dict[Endpoint, str | None] = {}
     for cluster in clusters:
         for member in cluster.members:
             old, new = limits.get(member.endpoint), member.max_in_flight
             limits[member.endpoint] = new if old is None else old if new is None else min(old, new)
+            keys[member.endpoint] = keys.get(member.endpoint) or member.api_key
     for endpoint, limit in limits.items():
         endpoint.max_in_flight = limit
+        key = keys.get(endpoint)
+        endpoint.api_key_header = f"authorization: Bearer {key}\r\n" if key else None

@@ -88,6 +88,10 @@ def build_head(
     if trace is not None:
         skip = HOP_BY_HOP_TRACED
         parts.append(trace)
+    if endpoint.api_key_header is not None:
+        # The engine's own --api-key replaces whatever key the client sent.
+        skip = skip | CLIENT_KEY_HEADERS
+        parts.append(endpoint.api_key_header)
     connection = headers.get("connection")
     if connection:
         skip = skip | {h.strip().lower() for h in connection.split(",")}

@@ -132,3 +132,28 @@ def test_batch_through_the_router_with_tenant_isolation(secured: Router) -> None
     out = [json.loads(x) for x in a.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in out) == [f"req-{i}" for i in range(5)]
     assert all(o["response"]["status_code"] == 200 for o in out)
+
+
+def test_engine_api_key_replaces_the_client_key(engines: dict, tmp_path: Path, fake_only) -> None:
+    """A backend's `api_key_env` is sent as the engine's key; the client's never is."""
+    import os
+
+    os.environ["TEST_ENGINE_KEY"] = "engine-secret"
+    try:
+        extra = ("  keyed-model:\n    backends:\n"
+                 f"      - url: {engines['generate']}\n        api_key_env: TEST_ENGINE_KEY\n"
+                 "    backend_model: chat-model\n    endpoints: [tokenize]\n")
+        router = start_router(tmp_path, routes_yaml(engines, extra))
+    finally:
+        del os.environ["TEST_ENGINE_KEY"]
+    try:
+        request_id = f"engine-key-{time.monotonic_ns()}"
+        r = router.client.post("/tokenize", json={"model": "keyed-model", "prompt": "a"},
+                               headers={"authorization": "Bearer client-key",
+                                        "x-request-id": request_id})
+        assert r.status_code == 200, r.text
+        seen = [x for x in httpx.get(engines["generate"] + "/_fake/requests").json()
+                if x["headers"].get("x-request-id") == request_id]
+        assert seen[0]["headers"]["authorization"] == "Bearer engine-secret"
+    finally:
+        stop(router.proc)
