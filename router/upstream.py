@@ -28,9 +28,9 @@ from router.errors import (
     ConnectTimeout,
 )
 
-#: Pause reading from the backend while this many body bytes wait for the client.
+#: Pause reading from the backend while this many body bytes wait for the client; reading
+#: resumes as soon as the client has taken them.
 HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +105,13 @@ class Response:
         return self._done and self._error is None
 
     def _take(self) -> bytes:
-        chunk = self.chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._buffered < LOW_WATER and self._conn is not None:
+        """Everything buffered, as one piece: chunks that arrived together leave together
+        (one write to the client instead of several; no chunk waits for a later one)."""
+        chunks = self.chunks
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._conn is not None:
             self._conn.resume()
         return chunk
 
