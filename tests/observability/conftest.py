@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, free_port, stop, wait_healthy
+from tests.conftest import ROOT, Router, free_port, stop, wait_healthy
 
 KIND_NAMES = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 
@@ -158,16 +158,8 @@ def otlp_grpc() -> Iterator[Collector]:
     server.stop(None)
 
 
-@dataclass
-class ObservedRouter:
-    url: str
-    config: Path
-    proc: subprocess.Popen
-    log: Path
-    client: httpx.Client = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+class ObservedRouter(Router):
+    """A router with the helpers the observability tests need."""
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """``GET /metrics`` parsed: (sample name, sorted labels) → value."""
