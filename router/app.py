@@ -268,7 +268,7 @@ def _proxy_handler(route: Route, state: State) -> Handler:
             if model.backend_model:
                 rewrite = rewrite_form_model if from_form else rewrite_json_model
                 body = rewrite(body, model.backend_model)
-            extra: list[tuple[str, str]] = []
+            extra = None
             if tenant is not None:
                 estimate = estimate_tokens(0 if from_form else len(body), data)
                 admission = await state.limiter.admit(tenant, name, estimate)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import orjson
-
 from router.catalog import PROXIED
-from router.errors import RouterError
+from router.errors import ModelNotFound, RouterError
 from router.model_field import model_from_json, rewrite_json_model
 from router.relay import build_head, exchange, new_request_id
 
@@ -54,10 +52,7 @@ class RouterDispatcher:
             name, data = model_from_json(body)
             model = snapshot.models.get(name)
             if model is None:
-                return 404, orjson.dumps({"error": {
-                    "message": f"The model `{name}` does not exist.",
-                    "type": "invalid_request_error", "param": "model",
-                    "code": "model_not_found"}})
+                raise ModelNotFound(name)
             if model.backend_model:
                 body = rewrite_json_model(body, model.backend_model)
             key = model.key_of({}, data) if model.key_of else None

@@ -73,6 +73,7 @@ def build_head(
     request_id: str,
     client_ip: str,
     trace: str | None = None,
+    strip_keys: bool = False,
 ) -> bytes:
     """The request line and headers for the backend, ending in the blank line.
 
@@ -88,9 +89,10 @@ def build_head(
     if trace is not None:
         skip = HOP_BY_HOP_TRACED
         parts.append(trace)
-    if endpoint.api_key_header is not None:
-        # The engine's own --api-key replaces whatever key the client sent.
+    if strip_keys or endpoint.api_key_header is not None:
+        # The client's key is the router's business, never the engine's.
         skip = skip | CLIENT_KEY_HEADERS
+    if endpoint.api_key_header is not None:
         parts.append(endpoint.api_key_header)
     connection = headers.get("connection")
     if connection:
@@ -128,13 +130,11 @@ async def forward(
     client's API key from the engine (it is the router's key, not the engine's)."""
     method, target = request.method, request.raw_url.decode("latin-1")
     headers, length = request.headers, len(body)
-    if strip_keys:
-        headers = Header([(k, v) for k, v in headers.items() if k not in CLIENT_KEY_HEADERS])
     client_ip = request.conn_info.client_ip if request.conn_info else ""
 
     def head(endpoint: Endpoint, trace: str | None) -> bytes:
         return build_head(method, target, headers, endpoint, length, request_id, client_ip,
-                          trace)
+                          trace, strip_keys)
 
     endpoint, response = await exchange(model, head, body, key, outlier, on_eject, ex)
     try:

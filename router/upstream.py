@@ -188,9 +188,6 @@ class Connection(asyncio.Protocol):
             self._fail(BackendProtocolError(f"invalid HTTP from the backend: {exc}"))
             self.abort()
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
