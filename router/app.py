@@ -38,7 +38,7 @@ from router.model_field import (
     rewrite_form_model,
     rewrite_json_model,
 )
-from router.relay import forward, new_request_id
+from router.relay import forward, new_request_id, unsafe_head
 from router.reload import ConfigHolder
 from router.settings import Settings
 from router.snapshot import Snapshot
@@ -234,6 +234,8 @@ def _proxy_handler(route: Route, state: State) -> Handler:
     operation = GEN_AI_OPERATIONS.get(group, group)
 
     async def proxy(request: Request) -> HTTPResponse | None:
+        if unsafe_head(request.head):
+            raise ClientError("Header values must not contain CR, LF or NUL characters.")
         snapshot = state.holder.current
         body = request.body
         request_id = request.ctx.request_id = (
