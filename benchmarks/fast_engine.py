@@ -9,6 +9,8 @@ Raw asyncio Protocol + httptools + uvloop; every response is prebuilt bytes. It 
   and the rest one per shared tick of that length (like a decoding engine).
 - ``POST /v1/completions``: the same, shaped as ``text_completion``.
 - ``GET /health`` (200, empty body, like vLLM) and ``GET /v1/models``.
+- ``POST /v1/traces``: an OTLP/HTTP collector that keeps nothing (200, empty
+  ``ExportTraceServiceResponse``), so the benchmark's tracing row exports real spans.
 
 Keep-alive is honoured; requests that arrive during a paced stream wait their turn.
 One core does tens of thousands of requests per second.
@@ -115,6 +117,7 @@ class Replies:
     models: bytes
     not_found: bytes
     bad_request: bytes
+    traces_accepted: bytes
     chat_chunks: tuple[bytes, ...]
     text_chunks: tuple[bytes, ...]
 
@@ -130,6 +133,7 @@ class Replies:
             models=_fixed("200 OK", "application/json", models),
             not_found=_fixed("404 Not Found", "application/json", err),
             bad_request=_fixed("400 Bad Request", "text/plain", b"bad request", False),
+            traces_accepted=_fixed("200 OK", "application/x-protobuf", b""),
             chat_chunks=tuple(_chunk(e) for e in _chat_events(chunks)),
             text_chunks=tuple(_chunk(e) for e in _text_events(chunks)),
         )
@@ -261,6 +265,8 @@ class EngineProtocol(asyncio.Protocol):
             transport.write(r.chat if chat else r.completion)
         elif method == b"GET" and path == b"/health":
             transport.write(r.health)
+        elif method == b"POST" and path == b"/v1/traces":
+            transport.write(r.traces_accepted)
         elif method == b"GET" and path == b"/v1/models":
             transport.write(r.models)
         else:

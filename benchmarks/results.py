@@ -68,6 +68,24 @@ class Results:
     rss_kb: dict[str, tuple[int, int]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
 
+    def problems(self) -> list[str]:
+        """What went wrong: targets that failed, runs that did not complete, requests or
+        streams that errored. Empty for a clean run (a MISS of a goal is not a problem)."""
+        out = [f"{name}: {why.splitlines()[0]}" for name, why in self.failures.items()]
+        scenarios: list[tuple[str, Rounds[ChatSample] | Rounds[StreamSample]]] = [
+            *((f"{t} chat c={c}", r) for (t, c), r in self.chat.items()),
+            *((f"{t} stream c={c}", r) for (t, c), r in self.stream.items()),
+            *((f"{t} SSE relay", r) for t, r in self.sse.items()),
+        ]
+        for label, rounds in scenarios:
+            missing = sum(1 for r in rounds if r is None)
+            errors = sum(r.errors for r in rounds if r is not None)
+            if missing:
+                out.append(f"{label}: {missing} run(s) failed")
+            if errors:
+                out.append(f"{label}: {errors} errors")
+        return out
+
 
 def median_of(rounds: Rounds[T], get: Callable[[T], float]) -> float:
     values = [get(r) for r in rounds if r is not None]

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "http://127.0.0.1:PORT of the engine)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME='ENV=VAL ...'",
                    help="routeyard with extra environment, e.g. tracing='ROUTEYARD_TRACING=1'")
+    p.add_argument("--no-observability", action="store_true",
+                   help="leave out the routeyard[metrics off] and routeyard[tracing on] rows")
     p.add_argument("--router-cmd", default=ROUTEYARD_CMD,
                    help="routeyard command template ({config} {port} {workers} {upstream})")
     p.add_argument("--scaling-workers", type=int, default=2,
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         targets = build(None if args.no_routeyard else args.router_cmd, args.variant,
-                        args.peer, args.scaling_workers)
+                        args.peer, args.scaling_workers, not args.no_observability)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -202,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(text)
     if args.json:
         _dump(res, args.json)
-    return 0
+    problems = res.problems()
+    for problem in problems:
+        print(f"benchmark problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

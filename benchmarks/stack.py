@@ -49,7 +49,7 @@ def start_targets(sup: Supervisor, targets: list[Target], engine: Live, place: P
         cpus = place.proxy if t.pinned else place.all_cpus
         name = t.name.replace(" ", "_").replace("/", "_")
         try:
-            proc = sup.start(name, t.argv(port, upstream, routes), t.env, cpus)
+            proc = sup.start(name, t.argv(port, upstream, routes), t.environment(upstream), cpus)
         except (OSError, ValueError, KeyError, IndexError) as exc:
             failures[t.name] = f"could not start: {exc!r}"
             log(f"{t.name}: could not start: {exc!r}")

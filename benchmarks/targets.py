@@ -18,6 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODEL = "bench-model"
+#: Rows every run has next to the plain routeyard row, so the cost of metrics (on by
+#: default) and of tracing (off by default) is always in the report. Tracing exports real
+#: OTLP/HTTP to the fast engine's ``/v1/traces`` sink; spans are sampled at 100 %.
+OBSERVABILITY_VARIANTS = (
+    "metrics off=ROUTEYARD_METRICS=false",
+    "tracing on=ROUTEYARD_TRACING=true OTEL_TRACES_EXPORTER=otlp "
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf "
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT={upstream}/v1/traces",
+)
 ROUTEYARD_CMD = ("routeyard serve --config {config} --host 127.0.0.1 --port {port} "
                  "--workers {workers}")
 
@@ -53,6 +62,10 @@ class Target:
     pinned: bool = True
     judged: bool = True  # compared against the targets (one core, one worker)
 
+    def environment(self, upstream: str) -> dict[str, str]:
+        """``env`` with ``{upstream}`` (the engine's URL) filled in."""
+        return {k: v.replace("{upstream}", upstream) for k, v in self.env.items()}
+
     @property
     def is_direct(self) -> bool:
         return not self.command
@@ -84,14 +97,20 @@ def parse_env(text: str, flag: str) -> dict[str, str]:
 
 
 def build(router_cmd: str | None, variants: list[str], peers: list[str],
-          scaling_workers: int) -> list[Target]:
-    """Direct first, then routeyard, its variants, the scaling row, then peers.
+          scaling_workers: int, observability: bool = True) -> list[Target]:
+    """Direct first, then routeyard, the metrics and tracing rows (``observability``), the
+    ``--variant`` rows, the scaling row, then peers.
 
-    ``router_cmd`` None leaves routeyard out (engine and peers only).
+    ``router_cmd`` None leaves routeyard out (engine and peers only). Only the plain
+    routeyard row and ``--variant`` rows are judged against the goals.
     """
     targets = [Target("direct")]
     if router_cmd:
         targets.append(Target("routeyard", router_cmd))
+        for spec in OBSERVABILITY_VARIANTS if observability else ():
+            name, env_text = parse_assignment(spec, "--variant")
+            targets.append(Target(f"routeyard[{name}]", router_cmd, judged=False,
+                                  env=parse_env(env_text, "--variant")))
         for spec in variants:
             name, env_text = parse_assignment(spec, "--variant")
             targets.append(Target(f"routeyard[{name}]", router_cmd,
