@@ -18,7 +18,7 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 
 from router.batch import BatchService, register
-from router.catalog import PROXIED, ModelSource, Route, StreamFormat
+from router.catalog import ERROR_STYLES, PROXIED, ErrorStyle, ModelSource, Route
 from router.config import load_file
 from router.dispatch import RouterDispatcher
 from router.errors import (
@@ -30,6 +30,7 @@ from router.errors import (
     PayloadTooLarge,
     RouteNotFound,
     RouterError,
+    stream_error_event,
 )
 from router.health import HealthMonitor
 from router.model_field import (
@@ -230,10 +231,10 @@ def _proxy_handler(route: Route, state: State) -> Handler:
     group = route.group
     assert group is not None
     from_form = route.model is ModelSource.FORM
-    sse_errors = route.stream is StreamFormat.DATA_DONE
+    stream_error = stream_error_event(route)
     operation = GEN_AI_OPERATIONS.get(group, group)
 
-    async def proxy(request: Request) -> HTTPResponse | None:
+    async def proxy(request: Request) -> None:
         if unsafe_head(request.head):
             raise ClientError("Header values must not contain CR, LF or NUL characters.")
         snapshot = state.holder.current
@@ -277,9 +278,8 @@ def _proxy_handler(route: Route, state: State) -> Handler:
                 extra = list(admission.headers.items())
             key = model.key_of(request.headers, data) if model.key_of else None
             outlier = snapshot.config.outlier_detection
-            response = await forward(request, model, body, request_id, sse_errors, key,
-                                     outlier, state.health.eject, ex, extra,
-                                     strip_keys=tenant is not None)
+            await forward(request, model, body, request_id, stream_error, key, outlier,
+                          state.health.eject, ex, extra, strip_keys=tenant is not None)
         except BaseException as exc:
             if ex is not None:
                 ex.finish(exc)
@@ -293,7 +293,7 @@ def _proxy_handler(route: Route, state: State) -> Handler:
             if ex is not None and ex.input_tokens is not None:
                 used = ex.input_tokens + (ex.output_tokens or 0)
             await state.limiter.record(admission, used)
-        return response
+        # forward has sent the response: the bookkeeping above ran after the client had it
 
     return proxy
 
@@ -332,7 +332,9 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
     headers = {"x-request-id": request_id or request.headers.get("x-request-id")
                or new_request_id()}
     headers.update(exc.headers)
-    return HTTPResponse(exc.body(), exc.status, headers, content_type=JSON)
+    style = ERROR_STYLES.get(request.path, ErrorStyle.OPENAI)
+    return HTTPResponse(exc.body(style, headers["x-request-id"]), exc.status, headers,
+                        content_type=JSON)
 
 
 def _translate(request: Request, exc: Exception) -> RouterError:

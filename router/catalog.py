@@ -32,6 +32,14 @@ class StreamFormat(StrEnum):
     EVENT_DATA = "event+data"  # event: <type> + data: <json>, no [DONE]
 
 
+class ErrorStyle(StrEnum):
+    """The error envelope clients of a route expect (vLLM answers each family in its own)."""
+
+    OPENAI = "openai"  # {"error": {"message", "type", "param", "code"}}
+    ANTHROPIC = "anthropic"  # {"type": "error", "error": {"type", "message"}}
+    COHERE = "cohere"  # {"message", "id"}
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One engine route: its method, canonical path and aliases, and how to proxy it."""
@@ -44,6 +52,7 @@ class Route:
     aliases: tuple[str, ...] = ()
     task: str = "generate"
     note: str = ""
+    errors: ErrorStyle = ErrorStyle.OPENAI
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -56,6 +65,7 @@ class Route:
 
 J, F, N = ModelSource.JSON, ModelSource.FORM, ModelSource.NONE
 DD, ED = StreamFormat.DATA_DONE, StreamFormat.EVENT_DATA
+ANTHROPIC, COHERE = ErrorStyle.ANTHROPIC, ErrorStyle.COHERE
 
 ROUTES: tuple[Route, ...] = (
     # generate task
@@ -63,10 +73,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/chat/completions/batch", "chat", J, note="several conversations in one"),
     Route("POST", "/v1/completions", "completions", J, DD),
     Route("POST", "/v1/responses", "responses", J, ED),
-    Route("POST", "/v1/messages", "messages", J, ED, note="Anthropic Messages API"),
-    Route("POST", "/v1/messages/count_tokens", "messages", J),
+    Route("POST", "/v1/messages", "messages", J, ED, note="Anthropic Messages API",
+          errors=ANTHROPIC),
+    Route("POST", "/v1/messages/count_tokens", "messages", J, errors=ANTHROPIC),
     Route("POST", "/cohere/v2/chat", "cohere", J, DD,
-          note="needs VLLM_ENABLE_COHERE_API=1 on the engine"),
+          note="needs VLLM_ENABLE_COHERE_API=1 on the engine", errors=COHERE),
     Route("POST", "/generative_scoring", "generative_scoring", J),
     Route("POST", "/inference/v1/generate", "generate", J, DD, note="token-in/token-out"),
     Route("POST", "/v1/chat/completions/render", "render", J),
@@ -119,6 +130,12 @@ PROXIED: tuple[Route, ...] = tuple(r for r in ROUTES if r.proxied)
 
 #: Every allowlist group name, in catalog order.
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in PROXIED if r.group))
+
+
+#: Path → error style, for the routes whose clients expect another envelope than OpenAI's.
+ERROR_STYLES: dict[str, ErrorStyle] = {
+    path: r.errors for r in ROUTES for path in r.paths if r.errors is not ErrorStyle.OPENAI
+}
 
 
 def routes_of_group(group: str) -> tuple[Route, ...]:

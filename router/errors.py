@@ -6,13 +6,29 @@
     └── InternalError      a bug in the router: 500
 
 Every router-made error leaves as ``{"error": {"message", "type", "param", "code"}}``,
-which the OpenAI SDK parses into its exception classes. Errors from a backend are not
-wrapped: they pass through with the backend's own status and body.
+which the OpenAI SDK parses into its exception classes, except on routes whose clients
+expect another envelope (the catalog's ``errors``): Anthropic's ``{"type": "error",
+"error": {"type", "message"}}`` on ``/v1/messages``, Cohere's ``{"message", "id"}`` on
+``/cohere/*``, as vLLM itself answers there. Errors from a backend are not wrapped: they
+pass through with the backend's own status and body.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
+
+from router.catalog import ErrorStyle, Route, StreamFormat
+
+#: Anthropic's error types by status (docs.anthropic.com, "HTTP errors"); other 4xx are
+#: ``invalid_request_error``, other 5xx ``api_error``. 503 keeps its status: Anthropic's
+#: own overload status is 529, which no HTTP client here would know.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    500: "api_error", 503: "overloaded_error",
+}
 
 
 class RouterError(Exception):
@@ -47,8 +63,18 @@ class RouterError(Exception):
             }
         }
 
-    def body(self) -> bytes:
-        return orjson.dumps(self.to_envelope())
+    def envelope(self, style: ErrorStyle, request_id: str | None = None) -> dict[str, object]:
+        """The error as the clients of ``style`` expect it."""
+        if style is ErrorStyle.ANTHROPIC:
+            kind = ANTHROPIC_TYPES.get(self.status) or (
+                "invalid_request_error" if self.status < 500 else "api_error")
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
+        if style is ErrorStyle.COHERE:
+            return {"message": self.message, "id": request_id}
+        return self.to_envelope()  # type: ignore[return-value]
+
+    def body(self, style: ErrorStyle = ErrorStyle.OPENAI, request_id: str | None = None) -> bytes:
+        return orjson.dumps(self.envelope(style, request_id))
 
 
 class ClientError(RouterError):
@@ -166,3 +192,20 @@ class BackendProtocolError(UpstreamError):
 
 class InternalError(RouterError):
     """Raised for a bug in the router; the log has the details, the client does not."""
+
+
+#: The last event of a stream that broke off after its headers: (error, request id) → bytes.
+StreamError = Callable[[RouterError, str], bytes]
+
+
+def stream_error_event(route: Route) -> StreamError | None:
+    """How ``route``'s streams end when the backend breaks off mid-way, in the route's own
+    framing: ``data: <error>`` then ``data: [DONE]`` for OpenAI-style streams, Anthropic's
+    ``event: error``. None (Responses streams, whose events carry sequence numbers the
+    router cannot know): the connection is cut, so the client sees a truncated stream."""
+    style = route.errors
+    if route.stream is StreamFormat.DATA_DONE:
+        return lambda exc, rid: b"data: " + exc.body(style, rid) + b"\n\ndata: [DONE]\n\n"
+    if route.stream is StreamFormat.EVENT_DATA and style is ErrorStyle.ANTHROPIC:
+        return lambda exc, rid: b"event: error\ndata: " + exc.body(style, rid) + b"\n\n"
+    return None

@@ -20,14 +20,13 @@ from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from sanic import HTTPResponse, Request
 from sanic.helpers import has_message_body
 
 from router import upstream
 from router.cluster import FAILURE_STATUSES, Cluster, Endpoint
 from router.config import OutlierDetection
-from router.errors import QueueTimeout, UpstreamError
+from router.errors import QueueTimeout, StreamError, UpstreamError
 from router.snapshot import ModelEntry
 
 if TYPE_CHECKING:
@@ -126,14 +125,14 @@ async def forward(
     model: ModelEntry,
     body: bytes,
     request_id: str,
-    sse_errors: bool,
+    stream_error: StreamError | None,
     key: str | None,
     outlier: OutlierDetection,
     on_eject: Callable[[Endpoint], None],
     ex: Exchange | None = None,
     extra_headers: list[tuple[str, str]] | None = None,
     strip_keys: bool = False,
-) -> HTTPResponse | None:
+) -> None:
     """Send the request to one of the model's endpoints and relay the answer.
 
     ``extra_headers`` go on the response (rate-limit headers); ``strip_keys`` keeps the
@@ -148,7 +147,7 @@ async def forward(
 
     endpoint, response = await exchange(model, head, body, key, outlier, on_eject, ex)
     try:
-        return await _relay(request, response, request_id, sse_errors, ex, extra_headers)
+        return await _relay(request, response, request_id, stream_error, ex, extra_headers)
     finally:
         model.cluster.release(endpoint)
         if ex is not None and ex.client_span is not None:
@@ -275,9 +274,10 @@ class RelayedResponse(HTTPResponse):
 
 
 async def _relay(
-    request: Request, response: upstream.Response, request_id: str, sse_errors: bool,
+    request: Request, response: upstream.Response, request_id: str,
+    stream_error: StreamError | None,
     ex: Exchange | None, extra_headers: list[tuple[str, str]] | None = None,
-) -> HTTPResponse | None:
+) -> None:
     content_type = b""
     length = -1
     headers: list[tuple[bytes, bytes]] = []
@@ -309,9 +309,12 @@ async def _relay(
             body = await response.read()
         finally:
             response.close()
+        relayed = RelayedResponse(body, status, headers)
+        await request.respond(relayed)
+        await relayed.send()  # head and body in one write, before any bookkeeping
         if ex is not None:
             ex.body(body, content_type.decode("latin-1"))
-        return RelayedResponse(body, status, headers)
+        return None
 
     relayed = RelayedResponse(None, status, headers)
     if length >= 0:
@@ -331,8 +334,8 @@ async def _relay(
         log.warning("backend stream broke off (request %s): %s", request_id, exc)
         if ex is not None:
             ex.error = ex.attempt_error = exc.code or exc.type
-        if is_sse and sse_errors:
-            await stream.send(b"data: " + orjson.dumps(exc.to_envelope()) + b"\n\ndata: [DONE]\n\n")
+        if is_sse and stream_error is not None:
+            await stream.send(stream_error(exc, request_id))
             await stream.eof()
         else:
             request.transport.close()  # the client sees a truncated body, not a clean end

@@ -87,16 +87,16 @@ def _row(route: Route, reports: list[tuple[str, dict]]) -> str:
         routed = "no"
     return (
         f"| {route.method} | {paths} | {routed} | {f'`{route.group}`' if route.group else '—'} "
-        f"| {_MODEL[route.model]} | {_STREAM[route.stream]} | {route.task} "
+        f"| {_MODEL[route.model]} | {_STREAM[route.stream]} | {route.errors} | {route.task} "
         f"| {route.note or ''} | {covered} | {_verified(route, reports)} |"
     )
 
 
 def render() -> str:
     head = (
-        "| method | path (aliases) | routed | group | model from | streams | vLLM task "
-        "| notes | tests | verified (compat, real vLLM) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| method | path (aliases) | routed | group | model from | streams | errors "
+        "| vLLM task | notes | tests | verified (compat, real vLLM) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     reports = _compat_reports()
     return "\n".join([BEGIN, head, *(_row(r, reports) for r in ROUTES), END])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.catalog import PROXIED
+from router.catalog import PROXIED, ErrorStyle
 from tests.conftest import KINDS, Router
 from tests.payloads import JSON_BODIES, request_for
 
@@ -12,6 +12,7 @@ from tests.payloads import JSON_BODIES, request_for
 SERVED = set(JSON_BODIES) - {"/v1/chat/completions/batch"} | {
     "/v1/audio/transcriptions", "/v1/audio/translations",
 }
+STYLES = {path: route.errors for route in PROXIED for path in route.paths}
 CASES = [
     (kind, route.group, path)
     for kind in KINDS
@@ -35,8 +36,16 @@ def test_allowlist(router: Router, kind: str, group: str, path: str) -> None:
             assert response.status_code == 200, response.text
     else:
         assert response.status_code == 403, response.text
-        error = response.json()["error"]
-        assert error["code"] == "endpoint_not_enabled"
-        assert model.name in error["message"] and group in error["message"]
+        body = response.json()
+        style = STYLES[path]
+        if style is ErrorStyle.COHERE:
+            message = body["message"]
+        elif style is ErrorStyle.ANTHROPIC:
+            assert body["type"] == "error" and body["error"]["type"] == "permission_error"
+            message = body["error"]["message"]
+        else:
+            assert body["error"]["code"] == "endpoint_not_enabled"
+            message = body["error"]["message"]
+        assert model.name in message and group in message
         for enabled in model.groups:
-            assert enabled in error["message"]
+            assert enabled in message
