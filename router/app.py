@@ -7,6 +7,7 @@ serves it under another, and hand over to the relay. Everything else was done at
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -18,7 +19,13 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 
 from router.batch import BatchService, register
-from router.catalog import ERROR_STYLES, PROXIED, ErrorStyle, ModelSource, Route
+from router.catalog import (
+    BY_RESPONSE_ID,
+    PROXIED,
+    ModelSource,
+    Route,
+    error_style,
+)
 from router.config import load_file
 from router.dispatch import RouterDispatcher
 from router.errors import (
@@ -28,6 +35,7 @@ from router.errors import (
     MethodNotAllowed,
     ModelNotFound,
     PayloadTooLarge,
+    ResponseNotFound,
     RouteNotFound,
     RouterError,
     stream_error_event,
@@ -39,8 +47,9 @@ from router.model_field import (
     rewrite_form_model,
     rewrite_json_model,
 )
-from router.relay import forward, new_request_id, unsafe_head
+from router.relay import forward, forward_stored, new_request_id, unsafe_head
 from router.reload import ConfigHolder
+from router.response_ids import RESPONSES_CREATE, ResponseIds
 from router.settings import Settings
 from router.snapshot import Snapshot
 from router.telemetry import GEN_AI_OPERATIONS, Exchange, Observer, tracing_wanted
@@ -62,6 +71,8 @@ class State:
     observer: Observer | None = None
     limiter: Limiter
     draining = False
+    #: Which backend holds each stored Responses API answer (this worker's view).
+    response_ids: ResponseIds
 
 
 def create_app(settings: Settings | None = None) -> Sanic:
@@ -78,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Sanic:
         TOUCHUP=True,
     )
     state = State()
+    state.response_ids = ResponseIds()
     app.ctx.state = state
     batch = _batch_service(settings.config, app, state)
     tracing = tracing_wanted(os.environ, settings.tracing)
@@ -134,6 +146,31 @@ def create_app(settings: Settings | None = None) -> Sanic:
         handler = _proxy_handler(route, state)
         for path in route.paths:
             app.add_route(handler, path, methods=[route.method], name=_name(path))
+
+    async def stored_response(request: Request, response_id: str) -> None:
+        """``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel``: no model in
+        the request, so the answer's backend comes from ``state.response_ids``."""
+        if unsafe_head(request.head):
+            raise ClientError("Header values must not contain CR, LF or NUL characters.")
+        snapshot = state.holder.current
+        tenant = _authenticate(snapshot, request)
+        request_id = request.ctx.request_id = (
+            request.headers.get("x-request-id") or new_request_id())
+        if not response_id.startswith("resp"):
+            raise ClientError(f"Invalid 'response_id': '{response_id}'. Expected an ID that "
+                              "begins with 'resp'.", param="response_id")
+        models = [m for m in snapshot.models.values() if "responses" in m.groups
+                  and (tenant is None or tenant.can_use(m.name))]
+        if not models:
+            raise ResponseNotFound(response_id)
+        await forward_stored(request, state.response_ids.holders(response_id, models),
+                             request_id, snapshot.config.outlier_detection,
+                             state.health.eject, strip_keys=tenant is not None)
+
+    for route in BY_RESPONSE_ID:
+        for path in route.sanic_paths:
+            app.add_route(stored_response, path, methods=[route.method],
+                          name=_name(path.replace("<", "").replace(">", "")))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> HTTPResponse:
@@ -233,6 +270,7 @@ def _proxy_handler(route: Route, state: State) -> Handler:
     from_form = route.model is ModelSource.FORM
     stream_error = stream_error_event(route)
     operation = GEN_AI_OPERATIONS.get(group, group)
+    creates_responses = route.path == RESPONSES_CREATE
 
     async def proxy(request: Request) -> None:
         if unsafe_head(request.head):
@@ -278,13 +316,17 @@ def _proxy_handler(route: Route, state: State) -> Handler:
                 extra = list(admission.headers.items())
             key = model.key_of(request.headers, data) if model.key_of else None
             outlier = snapshot.config.outlier_detection
+            pin = None
+            if creates_responses:
+                pin = state.response_ids.pin(name, data.get("previous_response_id"))
             await forward(request, model, body, request_id, stream_error, key, outlier,
-                          state.health.eject, ex, extra, strip_keys=tenant is not None)
+                          state.health.eject, ex, extra, strip_keys=tenant is not None,
+                          pin=pin)
         except BaseException as exc:
             if ex is not None:
                 ex.finish(exc)
             if admission is not None:
-                await state.limiter.record(admission, None)
+                await asyncio.shield(state.limiter.record(admission, None))
             raise
         if ex is not None:
             ex.finish(None)
@@ -292,7 +334,9 @@ def _proxy_handler(route: Route, state: State) -> Handler:
             used = None
             if ex is not None and ex.input_tokens is not None:
                 used = ex.input_tokens + (ex.output_tokens or 0)
-            await state.limiter.record(admission, used)
+            # shielded: the client may hang up now that it has the answer, which cancels
+            # this handler; the usage correction must still reach the (Redis) limiter
+            await asyncio.shield(state.limiter.record(admission, used))
         # forward has sent the response: the bookkeeping above ran after the client had it
 
     return proxy
@@ -332,9 +376,8 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
     headers = {"x-request-id": request_id or request.headers.get("x-request-id")
                or new_request_id()}
     headers.update(exc.headers)
-    style = ERROR_STYLES.get(request.path, ErrorStyle.OPENAI)
-    return HTTPResponse(exc.body(style, headers["x-request-id"]), exc.status, headers,
-                        content_type=JSON)
+    return HTTPResponse(exc.body(error_style(request.path), headers["x-request-id"]),
+                        exc.status, headers, content_type=JSON)
 
 
 def _translate(request: Request, exc: Exception) -> RouterError:

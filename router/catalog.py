@@ -5,7 +5,9 @@ compatibility suite all read this table; nothing else in the code base lists pat
 Facts come from ``shared/reference/vllm-openai-api.md`` (vLLM main, 2026-08).
 
 A route with a ``group`` is proxied: the model name is read from the request (JSON body
-or multipart form field ``model``) and the group must be in the model's allowlist.
+or multipart form field ``model``) and the group must be in the model's allowlist. The
+two routes about a stored Responses API answer name no model; the answer's id places them
+(``BY_RESPONSE_ID``).
 Routes with ``group=None`` are listed so the docs can say why routeyard does not proxy
 them (ops, dev-mode and model-less routes that need an engine picked by other means).
 """
@@ -59,6 +61,11 @@ class Route:
         return (self.path, *self.aliases)
 
     @property
+    def sanic_paths(self) -> tuple[str, ...]:
+        """``paths`` in Sanic's syntax: ``{response_id}`` becomes ``<response_id>``."""
+        return tuple(p.replace("{", "<").replace("}", ">") for p in self.paths)
+
+    @property
     def proxied(self) -> bool:
         return self.group is not None
 
@@ -73,6 +80,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/chat/completions/batch", "chat", J, note="several conversations in one"),
     Route("POST", "/v1/completions", "completions", J, DD),
     Route("POST", "/v1/responses", "responses", J, ED),
+    Route("GET", "/v1/responses/{response_id}", "responses", N, ED,
+          note="stored answers (engine needs VLLM_ENABLE_RESPONSES_API_STORE=1); no model "
+               "in the request: sent to the backend that made the answer"),
+    Route("POST", "/v1/responses/{response_id}/cancel", "responses", N,
+          note="sent to the backend that made the answer"),
     Route("POST", "/v1/messages", "messages", J, ED, note="Anthropic Messages API",
           errors=ANTHROPIC),
     Route("POST", "/v1/messages/count_tokens", "messages", J, errors=ANTHROPIC),
@@ -102,10 +114,6 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/models", None, N, task="any",
           note="answered by routeyard from routes.yaml"),
     Route("GET", "/health", None, N, task="any", note="answered by routeyard for itself"),
-    Route("GET", "/v1/responses/{response_id}", None, N,
-          note="no model in the request; needs a sticky response-id map (not yet)"),
-    Route("POST", "/v1/responses/{response_id}/cancel", None, N,
-          note="no model in the request; needs a sticky response-id map (not yet)"),
     Route("GET", "/v1/realtime", None, N, task="realtime",
           note="WebSocket; model only in the session.update event (not yet)"),
     Route("POST", "/invocations", None, J, task="any",
@@ -126,7 +134,13 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/stop_profile", None, N, task="any", note="engine administration"),
 )
 
-PROXIED: tuple[Route, ...] = tuple(r for r in ROUTES if r.proxied)
+#: Routes sent to a backend of the model the request names.
+PROXIED: tuple[Route, ...] = tuple(
+    r for r in ROUTES if r.proxied and r.model is not ModelSource.NONE)
+#: Routes about a stored Responses API answer: the request names no model, the answer's id
+#: says which backend holds it (``router.response_ids``).
+BY_RESPONSE_ID: tuple[Route, ...] = tuple(
+    r for r in ROUTES if r.proxied and r.model is ModelSource.NONE)
 
 #: Every allowlist group name, in catalog order.
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in PROXIED if r.group))
@@ -136,6 +150,20 @@ GROUPS: tuple[str, ...] = tuple(dict.fromkeys(r.group for r in PROXIED if r.grou
 ERROR_STYLES: dict[str, ErrorStyle] = {
     path: r.errors for r in ROUTES for path in r.paths if r.errors is not ErrorStyle.OPENAI
 }
+#: Path prefixes of those API families, for paths not in the catalog (an unknown
+#: ``/cohere/…`` path still gets Cohere's envelope).
+_FAMILY_PREFIXES = (("/cohere/", ErrorStyle.COHERE), ("/v1/messages/", ErrorStyle.ANTHROPIC))
+
+
+def error_style(path: str) -> ErrorStyle:
+    """The error envelope for a request to ``path``."""
+    style = ERROR_STYLES.get(path)
+    if style is not None:
+        return style
+    for prefix, family in _FAMILY_PREFIXES:
+        if path.startswith(prefix):
+            return family
+    return ErrorStyle.OPENAI
 
 
 def routes_of_group(group: str) -> tuple[Route, ...]:

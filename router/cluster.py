@@ -185,6 +185,21 @@ class Cluster:
                 return endpoint
         return None
 
+    def try_acquire_member(self, backend: str) -> Endpoint | None:
+        """The endpoint with key ``backend`` if it is a member, up and has capacity now,
+        counted in flight (the answer a stored Responses API id points to); else None."""
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            return None
+        for member in self.members:
+            endpoint = member.endpoint
+            if endpoint.key == backend:
+                if not (endpoint.up and endpoint.has_capacity):
+                    return None
+                endpoint.in_flight += 1
+                self.in_flight += 1
+                return endpoint
+        return None
+
     async def acquire(self, key: str | None, exclude: set[Endpoint]) -> Endpoint:
         """An endpoint for this request, counted in flight; ``release`` it when done.
 

@@ -27,7 +27,7 @@ from router.catalog import ErrorStyle, Route, StreamFormat
 ANTHROPIC_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-    500: "api_error", 503: "overloaded_error",
+    500: "api_error", 503: "overloaded_error", 504: "timeout_error",
 }
 
 
@@ -68,13 +68,24 @@ class RouterError(Exception):
         if style is ErrorStyle.ANTHROPIC:
             kind = ANTHROPIC_TYPES.get(self.status) or (
                 "invalid_request_error" if self.status < 500 else "api_error")
-            return {"type": "error", "error": {"type": kind, "message": self.message}}
+            body: dict[str, object] = {"type": "error",
+                                       "error": {"type": kind, "message": self.message}}
+            if request_id is not None:
+                body["request_id"] = _printable(request_id)
+            return body
         if style is ErrorStyle.COHERE:
-            return {"message": self.message, "id": request_id}
+            return {"message": self.message,
+                    "id": None if request_id is None else _printable(request_id)}
         return self.to_envelope()  # type: ignore[return-value]
 
     def body(self, style: ErrorStyle = ErrorStyle.OPENAI, request_id: str | None = None) -> bytes:
         return orjson.dumps(self.envelope(style, request_id))
+
+
+def _printable(text: str) -> str:
+    """``text`` as JSON can carry it: a client's header bytes that were not UTF-8 arrive
+    as lone surrogates (Sanic decodes with surrogateescape), which JSON cannot hold."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class ClientError(RouterError):
@@ -110,6 +121,17 @@ class EndpointNotEnabled(ClientError):
             f"Enabled groups: {', '.join(enabled) or 'none'}.",
             param="model",
         )
+
+
+class ResponseNotFound(ClientError):
+    """Raised for a stored-response id when no model this client may use serves the
+    Responses API (vLLM's own wording and fields for an unknown id)."""
+
+    status = 404
+    code = "response_not_found"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(f"Response with id '{response_id}' not found.", param="response_id")
 
 
 class RouteNotFound(ClientError):

@@ -17,6 +17,8 @@ import logging
 import random
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,7 @@ from sanic.helpers import has_message_body
 from router import upstream
 from router.cluster import FAILURE_STATUSES, Cluster, Endpoint
 from router.config import OutlierDetection
-from router.errors import QueueTimeout, StreamError, UpstreamError
+from router.errors import NoHealthyBackend, QueueTimeout, StreamError, UpstreamError
 from router.snapshot import ModelEntry
 
 if TYPE_CHECKING:
@@ -103,7 +105,9 @@ def build_head(
         parts.append(f"x-request-id: {request_id}\r\n")
     forwarded = headers.get("x-forwarded-for")
     parts.append(f"x-forwarded-for: {forwarded + ', ' if forwarded else ''}{client_ip}\r\n\r\n")
-    return "".join(parts).encode("latin-1", "surrogateescape")
+    # Sanic decoded the client's header bytes as UTF-8 with surrogateescape: this gives
+    # back exactly the bytes the client sent (the rest is ASCII).
+    return "".join(parts).encode("utf-8", "surrogateescape")
 
 
 def unsafe_head(head: bytes) -> bool:
@@ -114,6 +118,21 @@ def unsafe_head(head: bytes) -> bool:
     it would split the response. Four scans of the head in C, well under a microsecond."""
     crlf = head.count(b"\r\n")
     return head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\0" in head
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """A request about a stored Responses API answer (``router.response_ids``).
+
+    ``backend``: the endpoint key that holds it, tried first when it is up; ``probe``: a
+    404 answer (vLLM's "Response with id … not found", sent before any generation) moves
+    on to the model's next backend instead of being the answer; ``capture``: called with
+    (endpoint, the first bytes of a 2xx answer) until it returns True, to learn the id of a
+    new answer."""
+
+    backend: str | None = None
+    probe: bool = False
+    capture: Callable[[Endpoint, bytes], bool] | None = None
 
 
 #: Builds the head for one attempt: (endpoint, trace header lines or None) → bytes.
@@ -132,26 +151,72 @@ async def forward(
     ex: Exchange | None = None,
     extra_headers: list[tuple[str, str]] | None = None,
     strip_keys: bool = False,
+    pin: Pin | None = None,
 ) -> None:
     """Send the request to one of the model's endpoints and relay the answer.
 
     ``extra_headers`` go on the response (rate-limit headers); ``strip_keys`` keeps the
-    client's API key from the engine (it is the router's key, not the engine's)."""
+    client's API key from the engine (it is the router's key, not the engine's); ``pin``
+    places requests about stored Responses API answers."""
+    head = head_builder(request, len(body), request_id, strip_keys)
+    endpoint, response = await exchange(model, head, body, key, outlier, on_eject, ex, pin)
+    capture = None
+    if pin is not None and pin.capture is not None and 200 <= response.status < 300:
+        capture = partial(pin.capture, endpoint)
+    try:
+        return await relay(request, response, request_id, stream_error, ex, extra_headers,
+                           capture)
+    finally:
+        response.close()  # a no-op once complete; else the engine stops generating
+        model.cluster.release(endpoint)
+        if ex is not None and ex.client_span is not None:
+            ex.end_attempt()
+
+
+def head_builder(request: Request, length: int, request_id: str,
+                 strip_keys: bool) -> HeadBuilder:
+    """The request's head for whichever endpoint an attempt picks (``build_head``)."""
     method, target = request.method, request.raw_url.decode("latin-1")
-    headers, length = request.headers, len(body)
+    headers = request.headers
     client_ip = request.conn_info.client_ip if request.conn_info else ""
 
     def head(endpoint: Endpoint, trace: str | None) -> bytes:
         return build_head(method, target, headers, endpoint, length, request_id, client_ip,
                           trace, strip_keys)
 
-    endpoint, response = await exchange(model, head, body, key, outlier, on_eject, ex)
-    try:
-        return await _relay(request, response, request_id, stream_error, ex, extra_headers)
-    finally:
-        model.cluster.release(endpoint)
-        if ex is not None and ex.client_span is not None:
-            ex.end_attempt()
+    return head
+
+
+async def forward_stored(
+    request: Request,
+    holders: list[tuple[ModelEntry, str | None]],
+    request_id: str,
+    outlier: OutlierDetection,
+    on_eject: Callable[[Endpoint], None],
+    strip_keys: bool = False,
+) -> None:
+    """A request about a stored Responses API answer (``GET``/``cancel`` by id), which
+    names no model: ask the backends of each (model, backend known to hold it) in turn,
+    and relay the first answer that is not a 404, or the last 404."""
+    body = request.body
+    head = head_builder(request, len(body), request_id, strip_keys)
+    for n, (model, backend) in enumerate(holders, 1):
+        try:
+            endpoint, response = await exchange(model, head, body, None, outlier, on_eject,
+                                                pin=Pin(backend, probe=True))
+        except NoHealthyBackend:
+            if n < len(holders):
+                continue  # nothing of this model is up: the answer is not there now
+            raise
+        try:
+            if response.status == 404 and n < len(holders):
+                await response.read()
+                response.close()
+                continue
+            await relay(request, response, request_id, None, None)
+            return
+        finally:
+            model.cluster.release(endpoint)
 
 
 async def exchange(
@@ -162,6 +227,7 @@ async def exchange(
     outlier: OutlierDetection,
     on_eject: Callable[[Endpoint], None],
     ex: Exchange | None = None,
+    pin: Pin | None = None,
 ) -> tuple[Endpoint, upstream.Response]:
     """Pick an endpoint, send, and return it with the response's status and headers.
 
@@ -171,13 +237,18 @@ async def exchange(
     up, with jittered exponential backoff, up to ``retries.attempts`` times. A first-byte
     timeout is not retried (the engine may be working on it; waiting that long twice helps
     nobody). ``ex``, when metrics, tracing or the access log are on, records what
-    happened."""
+    happened. ``pin`` (see ``Pin``) tries one backend first and may probe on 404."""
     cluster = model.cluster
     retries = model.retries
     tried: set[Endpoint] = set()
     attempt = 0
+    first = pin.backend if pin is not None else None
+    probe = pin is not None and pin.probe
     while True:
-        endpoint = cluster.try_acquire(key, tried) or await _queue(cluster, key, tried, ex)
+        endpoint = cluster.try_acquire_member(first) if first is not None else None
+        first = None
+        if endpoint is None:
+            endpoint = cluster.try_acquire(key, tried) or await _queue(cluster, key, tried, ex)
         trace = ex.chosen(endpoint, attempt) if ex is not None else None
         done = False
         try:
@@ -205,6 +276,12 @@ async def exchange(
                 status = response.status
                 if ex is not None:
                     ex.status = ex.attempt_status = status
+                if status == 404 and probe and cluster.any_up(tried | {endpoint}):
+                    # Not this backend's answer: ask the next one, at once.
+                    await response.read()
+                    response.close()
+                    tried.add(endpoint)
+                    continue
                 if status not in FAILURE_STATUSES:
                     endpoint.record_success()
                     done = True
@@ -273,11 +350,15 @@ class RelayedResponse(HTTPResponse):
             yield name.encode("ascii"), str(value).encode("ascii")
 
 
-async def _relay(
+async def relay(
     request: Request, response: upstream.Response, request_id: str,
     stream_error: StreamError | None,
     ex: Exchange | None, extra_headers: list[tuple[str, str]] | None = None,
+    capture: Callable[[bytes], bool] | None = None,
 ) -> None:
+    """Send ``response`` (status, headers, body) to the client: in one write when small
+    and complete, else chunk by chunk. ``capture`` sees the body, or each chunk until it
+    returns True."""
     content_type = b""
     length = -1
     headers: list[tuple[bytes, bytes]] = []
@@ -294,9 +375,9 @@ async def _relay(
             has_request_id = True
         headers.append(header)
     if not has_request_id:
-        headers.append((b"x-request-id", request_id.encode("latin-1")))
+        headers.append((b"x-request-id", request_id.encode("utf-8", "surrogateescape")))
     if extra_headers:
-        headers.extend((n.encode("latin-1"), v.encode("latin-1")) for n, v in extra_headers)
+        headers.extend((n.encode("ascii"), v.encode("ascii")) for n, v in extra_headers)
     status = response.status
     if not content_type and has_message_body(status):
         # RFC 9110 §8.3: a recipient may assume this when the sender names no type.
@@ -309,11 +390,13 @@ async def _relay(
             body = await response.read()
         finally:
             response.close()
-        relayed = RelayedResponse(body, status, headers)
-        await request.respond(relayed)
-        await relayed.send()  # head and body in one write, before any bookkeeping
         if ex is not None:
             ex.body(body, content_type.decode("latin-1"))
+        relayed = RelayedResponse(body, status, headers)
+        sent = await request.respond(relayed)
+        await sent.send()  # head and body in one write, before the caller's bookkeeping
+        if capture is not None:
+            capture(body)
         return None
 
     relayed = RelayedResponse(None, status, headers)
@@ -322,19 +405,22 @@ async def _relay(
     stream = await request.respond(relayed)
     assert stream is not None
     try:
-        if ex is None:
+        if ex is None and capture is None:
             async for chunk in response.iter_chunks():
                 await stream.send(chunk)
         else:
             async for chunk in response.iter_chunks():
-                ex.chunk(chunk)
+                if ex is not None:
+                    ex.chunk(chunk)
                 await stream.send(chunk)
+                if capture is not None and capture(chunk):
+                    capture = None
     except UpstreamError as exc:
         # Headers are gone already: the status cannot change any more.
         log.warning("backend stream broke off (request %s): %s", request_id, exc)
         if ex is not None:
             ex.error = ex.attempt_error = exc.code or exc.type
-        if is_sse and stream_error is not None:
+        if is_sse and stream_error is not None and length < 0:
             await stream.send(stream_error(exc, request_id))
             await stream.eof()
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from router.catalog import ROUTES, ModelSource, Route, StreamFormat
+from router.catalog import BY_RESPONSE_ID, PROXIED, ROUTES, ModelSource, Route, StreamFormat
 from router.compat.report import read_facts
 from router.compat.requests import TASKS, suite
 
@@ -26,6 +26,8 @@ _MODEL = {
     ModelSource.FORM: "form field `model`",
     ModelSource.NONE: "none",
 }
+#: Where a routed request without a model goes instead.
+_PLACED_BY_ID = "none: the stored answer's id places it"
 _STREAM = {
     StreamFormat.NONE: "no",
     StreamFormat.DATA_DONE: "SSE `data:` … `[DONE]`",
@@ -77,7 +79,8 @@ def _verified(route: Route, reports: list[tuple[str, dict]]) -> str:
 def _row(route: Route, reports: list[tuple[str, dict]]) -> str:
     paths = "<br>".join(f"`{p}`" for p in route.paths)
     if route.proxied:
-        tests = ["tests/integration/test_allowlist.py", *_tests_naming(route.path)]
+        allowlist = ["tests/integration/test_allowlist.py"] if route in PROXIED else []
+        tests = [*allowlist, *_tests_naming(route.path)]
         if set(route.paths) & _COMPAT_PATHS:
             tests.append("tests/unit/test_compat.py")
         covered = "<br>".join(f"`{t}`" for t in dict.fromkeys(tests))
@@ -87,7 +90,8 @@ def _row(route: Route, reports: list[tuple[str, dict]]) -> str:
         routed = "no"
     return (
         f"| {route.method} | {paths} | {routed} | {f'`{route.group}`' if route.group else '—'} "
-        f"| {_MODEL[route.model]} | {_STREAM[route.stream]} | {route.errors} | {route.task} "
+        f"| {_PLACED_BY_ID if route in BY_RESPONSE_ID else _MODEL[route.model]} "
+        f"| {_STREAM[route.stream]} | {route.errors} | {route.task} "
         f"| {route.note or ''} | {covered} | {_verified(route, reports)} |"
     )
 

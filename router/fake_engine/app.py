@@ -80,6 +80,8 @@ HANDLERS: dict[str, Handler] = {
     "/v1/chat/completions": generate.chat_completions,
     "/v1/completions": generate.completions,
     "/v1/responses": generate.responses,
+    "/v1/responses/{response_id}": generate.retrieve_response,
+    "/v1/responses/{response_id}/cancel": generate.cancel_response,
     "/v1/messages": generate.messages,
     "/v1/messages/count_tokens": generate.count_tokens,
     "/v1/audio/transcriptions": audio.transcriptions,
@@ -128,8 +130,9 @@ def create_app(models: list[str], task: str, *, latency_ms: float = 0,
         handler = HANDLERS.get(route.path)
         if handler is None or route.task not in labels:
             continue
-        for path in route.paths:
-            name = f"{route.method}{path}".replace("/", "_").lower()
+        for path in route.sanic_paths:
+            name = f"{route.method}{path}".replace("/", "_").replace("<", "").replace(
+                ">", "").lower()
             app.add_route(_endpoint(handler, inference=route.proxied), path,
                           methods=[route.method], name=name)
     _add_introspection(app, state)
@@ -150,7 +153,7 @@ def run(models: list[str], task: str, host: str = "127.0.0.1", port: int = 8000,
 def _endpoint(handler: Handler, *, inference: bool) -> Endpoint:
     """Wrap a handler: log the request, apply knobs, map errors, note client aborts."""
 
-    async def endpoint(request: Request) -> HTTPResponse | None:
+    async def endpoint(request: Request, **_path_params: str) -> HTTPResponse | None:
         state: EngineState = request.app.ctx.engine
         entry = state.record(request)
         try:

@@ -199,6 +199,10 @@ async def responses(call: Call) -> HTTPResponse | None:
     prompt, last = responses_prompt(body)
     stream = flag(body.get("stream"))
     model = call.state.resolve_model(body.get("model"))
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        call.state.stored_response(str(previous))  # 404 before any generation, as vLLM
+    store = body.get("store", True) is not False
     limit = max_tokens(body, "max_output_tokens")
     n = call.token_count(limit)
     words = tokens.generate(tokens.seed_of(last), n)
@@ -212,6 +216,8 @@ async def responses(call: Call) -> HTTPResponse | None:
                                 output=[done_item], use=use)
     if not stream:
         await call.generation_time(n)
+        if store:
+            call.state.store(final)
         return await call.reply(final)
     start = fmt.response_object(rid, call.created, model, body, status="in_progress",
                                 output=[], use=None)
@@ -231,9 +237,26 @@ async def responses(call: Call) -> HTTPResponse | None:
     await out.event("response.output_text.done", {**where, "text": text, "logprobs": []})
     await out.event("response.content_part.done", {**where, "part": {**part, "text": text}})
     await out.event("response.output_item.done", {"output_index": 0, "item": done_item})
+    if store:
+        call.state.store(final)
     await out.event("response.completed", {"response": final})
     await out.close()
     return None
+
+
+async def retrieve_response(call: Call) -> HTTPResponse | None:
+    """``GET /v1/responses/{response_id}``: a stored answer, or vLLM's 404."""
+    response_id = call.request.match_info["response_id"]
+    return await call.reply(call.state.stored_response(response_id))
+
+
+async def cancel_response(call: Call) -> HTTPResponse | None:
+    """``POST /v1/responses/{response_id}/cancel``: answers here finished synchronously,
+    which vLLM refuses to cancel (400); unknown ids are 404."""
+    response_id = call.request.match_info["response_id"]
+    call.state.stored_response(response_id)
+    raise EngineError(400, "invalid_request_error", "Cannot cancel a synchronous response.",
+                      "response_id")
 
 
 def anthropic_request(call: Call, body: dict[str, Any]) -> tuple[str, str, str]:

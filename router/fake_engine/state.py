@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
@@ -54,6 +54,16 @@ def missing_field(loc: tuple[str, ...]) -> EngineError:
 
 def model_not_found(model: str) -> EngineError:
     return EngineError(404, "NotFoundError", f"The model `{model}` does not exist.", "model")
+
+
+def response_not_found(response_id: str) -> EngineError:
+    """vLLM's ``_make_not_found_error`` (serving_responses.py)."""
+    return EngineError(404, "invalid_request_error",
+                       f"Response with id '{response_id}' not found.", "response_id")
+
+
+#: Stored Responses API answers kept per engine (vLLM keeps them in memory, unbounded).
+STORE_LIMIT = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +127,19 @@ class EngineState:
     aborted: deque[str | None] = field(default_factory=lambda: deque(maxlen=LOG_LIMIT))
     injection: Injection | None = None
     in_flight: int = 0
+    #: Responses API answers made with ``store`` (vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1)
+    stored: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+
+    def store(self, response: dict[str, Any]) -> None:
+        self.stored[response["id"]] = response
+        while len(self.stored) > STORE_LIMIT:
+            self.stored.popitem(last=False)
+
+    def stored_response(self, response_id: str) -> dict[str, Any]:
+        response = self.stored.get(response_id)
+        if response is None:
+            raise response_not_found(response_id)
+        return response
 
     def reset(self) -> None:
         self.requests.clear()

@@ -84,6 +84,19 @@ def family_router(engines: dict[str, str], dead_port: int,
     stop(router.proc)
 
 
+def test_anthropic_errors_carry_the_request_id(router: Router) -> None:
+    r = router.client.post("/v1/messages", json={"model": "nope", "max_tokens": 5,
+                                                 "messages": HELLO},
+                           headers={"x-request-id": "rid-anthropic"})
+    anthropic_error(r, 404, "not_found_error")
+    assert r.json()["request_id"] == "rid-anthropic" == r.headers["x-request-id"]
+
+
+def test_unknown_cohere_path_keeps_the_family(router: Router) -> None:
+    r = router.client.post("/cohere/v9/nothing", json={"model": "chat-model"})
+    assert r.status_code == 404 and set(r.json()) == {"message", "id"}
+
+
 def test_wrong_method_keeps_the_family(router: Router) -> None:
     anthropic_error(router.client.get("/v1/messages"), 405, "invalid_request_error")
 

@@ -30,7 +30,16 @@ ANSWERS = {
     "chunked": (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                 b"Transfer-Encoding: chunked\r\nX-Engine-Note: sse\r\n\r\n"
                 b"e\r\ndata: {\"a\":1}\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"),
+    "own-id": (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+               b"X-Request-Id: engine-7\r\nContent-Length: 2\r\n\r\n{}"),
+    # an event stream of known length, whole, and one that breaks off early
+    "sse-length": (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                   b"Content-Length: 29\r\n\r\ndata: {\"a\":1}\n\ndata: [DONE]\n\n"),
+    "sse-cut": (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Content-Length: 500\r\n\r\ndata: {\"a\":1}\n\n"),
 }
+#: Answers after which the backend closes the connection.
+CLOSE_AFTER = {"sse-cut"}
 
 
 class RawBackend:
@@ -73,6 +82,8 @@ class RawBackend:
                     buf += conn.recv(65536)
                 buf = buf[length:]
                 conn.sendall(ANSWERS[answer])
+                if answer in CLOSE_AFTER:
+                    return
 
     def close(self) -> None:
         self.sock.close()
@@ -163,3 +174,40 @@ def test_header_line_smuggling_is_refused(raw, smuggled: bytes) -> None:
     assert b"CR, LF or NUL" in response
     assert not any(x.lower().startswith(b"injected") for x in lines)
     assert len(backend.heads) == before  # nothing reached the engine
+
+
+def test_engine_request_id_is_not_duplicated(raw) -> None:
+    router, _ = raw
+    lines = header_lines(exchange(router, b"x-answer: own-id\r\nX-Request-Id: client-1\r\n"))
+    ids = [x for x in lines if x.lower().startswith(b"x-request-id")]
+    assert ids == [b"X-Request-Id: engine-7"]
+
+
+def test_header_bytes_are_kept_exactly(raw) -> None:
+    """Header values that are not ASCII (RFC 9110 allows obs-text) reach the engine and
+    come back byte for byte; a request id that is not UTF-8 does not break the answer."""
+    router, backend = raw
+    response = exchange(router, b"x-answer: headers\r\nX-Note: caf\xc3\xa9\r\n"
+                                b"X-Request-Id: r\xff1\r\n")
+    assert header_lines(response)[0] == b"HTTP/1.1 200 OK"
+    head = backend.heads[-1]
+    assert b"\r\nx-note: caf\xc3\xa9" in head.lower()
+    assert b"\r\nx-request-id: r\xff1" in head.lower()
+    assert b"x-request-id: r\xff1" in header_lines(response)
+
+
+def test_event_stream_of_known_length(raw) -> None:
+    router, _ = raw
+    response = exchange(router, b"x-answer: sse-length\r\n")
+    lines = header_lines(response)
+    assert b"content-length: 29" in lines
+    assert response.endswith(b"\r\n\r\ndata: {\"a\":1}\n\ndata: [DONE]\n\n")
+
+
+def test_event_stream_of_known_length_cut_short_is_truncated(raw) -> None:
+    """No error event can follow once a length was promised: the connection is closed."""
+    router, _ = raw
+    response = exchange(router, b"x-answer: sse-cut\r\n")
+    assert b"content-length: 500" in header_lines(response)
+    body = response.split(b"\r\n\r\n", 1)[1]
+    assert body == b'data: {"a":1}\n\n'  # what the engine sent, and nothing after it
