@@ -10,7 +10,8 @@ Raw asyncio Protocol + httptools + uvloop; every response is prebuilt bytes. It 
 - ``POST /v1/completions``: the same, shaped as ``text_completion``.
 - ``GET /health`` (200, empty body, like vLLM) and ``GET /v1/models``.
 - ``POST /v1/traces``: an OTLP/HTTP collector that keeps nothing (200, empty
-  ``ExportTraceServiceResponse``), so the benchmark's tracing row exports real spans.
+  ``ExportTraceServiceResponse``), so the benchmark's tracing row exports real spans;
+  ``GET /_stats`` counts the exports received (``{"trace_exports": N}``).
 
 Keep-alive is honoured; requests that arrive during a paced stream wait their turn.
 One core does tens of thousands of requests per second.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import signal
 from collections import deque
@@ -32,6 +34,8 @@ import httptools
 import uvloop
 
 MODEL = "bench-model"
+#: What the engine counts (read by the benchmark through ``GET /_stats``).
+STATS = {"trace_exports": 0}
 CREATED = 1700000000
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 _WORDS = ("The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "and",
@@ -266,7 +270,11 @@ class EngineProtocol(asyncio.Protocol):
         elif method == b"GET" and path == b"/health":
             transport.write(r.health)
         elif method == b"POST" and path == b"/v1/traces":
+            STATS["trace_exports"] += 1
             transport.write(r.traces_accepted)
+        elif method == b"GET" and path == b"/_stats":
+            transport.write(_fixed("200 OK", "application/json",
+                                   json.dumps(STATS).encode()))
         elif method == b"GET" and path == b"/v1/models":
             transport.write(r.models)
         else:

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -30,7 +31,7 @@ from benchmarks.procs import (
 )
 from benchmarks.results import ChatSample, Results, Rounds, StreamSample
 from benchmarks.stack import HOST, Live, log, start_engine, start_targets
-from benchmarks.targets import MODEL, ROUTEYARD_CMD, Placement, build, write_routes
+from benchmarks.targets import MODEL, ROUTEYARD_CMD, Placement, Target, build, write_routes
 
 T = TypeVar("T")
 CHAT_CONNS = (1, 16, 64)
@@ -110,6 +111,21 @@ def streams(lv: Live, conns: int, seconds: float) -> StreamSample:
     return StreamSample.of(stats, tree_cpu_seconds(lv.proc.pid) - cpu0)
 
 
+def check_trace_exports(engine: Live, targets: list[Target], res: Results) -> None:
+    """A tracing row whose spans never reached the engine's OTLP sink measured nothing
+    of the export: that is a problem of the run, not a fast result."""
+    tracing = [t.name for t in targets
+               if t.env.get("ROUTEYARD_TRACING") == "true" and t.name in res.targets]
+    if not tracing:
+        return
+    with urllib.request.urlopen(f"http://{HOST}:{engine.port}/_stats", timeout=5) as r:
+        exports = json.load(r)["trace_exports"]
+    log(f"OTLP exports received by the engine's sink: {exports}")
+    if exports == 0:
+        for name in tracing:
+            res.failures[name] = "no span export reached the engine's OTLP sink"
+
+
 def run_rounds(args: argparse.Namespace, live: list[Live], script: Path, place: Placement,
                res: Results) -> None:
     log("warm-up")
@@ -179,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                              res.failures)
         res.targets = [lv.target.name for lv in live]
         run_rounds(args, live, script, place, res)
+        check_trace_exports(engine, targets, res)
         # Measured before the servers are stopped: once reaped, their CPU time would be
         # counted again in this process's children's time.
         wall = time.monotonic() - started
