@@ -161,11 +161,22 @@ def create_app(settings: Settings | None = None) -> Sanic:
                               "begins with 'resp'.", param="response_id")
         models = [m for m in snapshot.models.values() if "responses" in m.groups
                   and (tenant is None or tenant.can_use(m.name))]
-        if not models:
-            raise ResponseNotFound(response_id)
-        await forward_stored(request, state.response_ids.holders(response_id, models),
-                             request_id, snapshot.config.outlier_detection,
-                             state.health.eject, strip_keys=tenant is not None)
+        observer = state.observer
+        ex = None if observer is None else Exchange(observer, request, "responses",
+                                                    "retrieve_response", request_id)
+        try:
+            if not models:
+                raise ResponseNotFound(response_id)
+            await forward_stored(request, state.response_ids.holders(response_id, models),
+                                 request_id, snapshot.config.outlier_detection,
+                                 state.health.eject, tenant is not None, ex)
+        except BaseException as exc:
+            if ex is not None:
+                ex.finish(exc)
+            raise
+        if ex is not None:
+            ex.input_tokens = ex.output_tokens = None  # counted when the answer was made
+            ex.finish(None)
 
     for route in BY_RESPONSE_ID:
         for path in route.sanic_paths:

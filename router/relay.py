@@ -194,6 +194,7 @@ async def forward_stored(
     outlier: OutlierDetection,
     on_eject: Callable[[Endpoint], None],
     strip_keys: bool = False,
+    ex: Exchange | None = None,
 ) -> None:
     """A request about a stored Responses API answer (``GET``/``cancel`` by id), which
     names no model: ask the backends of each (model, backend known to hold it) in turn,
@@ -201,9 +202,11 @@ async def forward_stored(
     body = request.body
     head = head_builder(request, len(body), request_id, strip_keys)
     for n, (model, backend) in enumerate(holders, 1):
+        if ex is not None:
+            ex.matched(model.name, model)
         try:
             endpoint, response = await exchange(model, head, body, None, outlier, on_eject,
-                                                pin=Pin(backend, probe=True))
+                                                ex, Pin(backend, probe=True))
         except NoHealthyBackend:
             if n < len(holders):
                 continue  # nothing of this model is up: the answer is not there now
@@ -211,12 +214,14 @@ async def forward_stored(
         try:
             if response.status == 404 and n < len(holders):
                 await response.read()
-                response.close()
                 continue
-            await relay(request, response, request_id, None, None)
+            await relay(request, response, request_id, None, ex)
             return
         finally:
+            response.close()
             model.cluster.release(endpoint)
+            if ex is not None and ex.client_span is not None:
+                ex.end_attempt()
 
 
 async def exchange(

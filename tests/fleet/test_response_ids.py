@@ -10,6 +10,7 @@ backend in turn.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import httpx
@@ -143,3 +144,32 @@ def test_owner_down_then_back(fleet: Fleet, launch_router: Callable[[str], Route
     with pytest.raises((openai.NotFoundError, openai.APIStatusError)):
         sdk.responses.retrieve(made.id)
     assert sdk.responses.create(model="m", input="fresh").id  # the others still serve
+
+
+def test_retrievals_are_counted_but_not_their_tokens(
+        fleet: Fleet, launch_router: Callable[[str], Router]) -> None:
+    router = launch_router(responses_routes(fleet))
+    sdk = client(router)
+    made = sdk.responses.create(model="m", input="Hello")
+    for _ in range(3):
+        sdk.responses.retrieve(made.id)
+
+    def samples() -> dict[str, float]:
+        text = httpx.get(f"{router.url}/metrics", timeout=10).text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(("routeyard_requests_total{", "routeyard_tokens_total{"))}
+
+    deadline = time.monotonic() + 5  # metrics are flushed once a second
+    while True:
+        found = samples()
+        requests = sum(v for k, v in found.items()
+                       if k.startswith("routeyard_requests_total{") and 'model="m"' in k
+                       and 'group="responses"' in k and 'code="200"' in k)
+        if requests >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert requests == 4  # one create, three retrievals
+    output = sum(v for k, v in found.items()
+                 if k.startswith("routeyard_tokens_total{") and 'type="output"' in k)
+    assert output == made.usage.output_tokens  # the create's tokens, not counted again
