@@ -164,19 +164,29 @@ def create_app(settings: Settings | None = None) -> Sanic:
         observer = state.observer
         ex = None if observer is None else Exchange(observer, request, "responses",
                                                     "retrieve_response", request_id)
+        ids = state.response_ids
+        admission = None
         try:
             if not models:
                 raise ResponseNotFound(response_id)
-            await forward_stored(request, state.response_ids.holders(response_id, models),
-                                 request_id, snapshot.config.outlier_detection,
-                                 state.health.eject, tenant is not None, ex)
+            holders = ids.holders(response_id, models)
+            if tenant is not None:  # a lookup counts toward the key's request rate
+                admission = await state.limiter.admit(tenant, holders[0][0].name, 0)
+            await forward_stored(request, response_id, holders, request_id,
+                                 snapshot.config.outlier_detection, state.health.eject,
+                                 ids.found(response_id), tenant is not None, ex)
         except BaseException as exc:
             if ex is not None:
+                ex.input_tokens = ex.output_tokens = None  # counted when the answer was made
                 ex.finish(exc)
+            if admission is not None:
+                await asyncio.shield(state.limiter.record(admission, 0))
             raise
         if ex is not None:
-            ex.input_tokens = ex.output_tokens = None  # counted when the answer was made
+            ex.input_tokens = ex.output_tokens = None
             ex.finish(None)
+        if admission is not None:
+            await asyncio.shield(state.limiter.record(admission, 0))
 
     for route in BY_RESPONSE_ID:
         for path in route.sanic_paths:
@@ -329,7 +339,7 @@ def _proxy_handler(route: Route, state: State) -> Handler:
             outlier = snapshot.config.outlier_detection
             pin = None
             if creates_responses:
-                pin = state.response_ids.pin(name, data.get("previous_response_id"))
+                pin = state.response_ids.pin(model.name, data)
             await forward(request, model, body, request_id, stream_error, key, outlier,
                           state.health.eject, ex, extra, strip_keys=tenant is not None,
                           pin=pin)

@@ -28,7 +28,7 @@ from sanic.helpers import has_message_body
 from router import upstream
 from router.cluster import FAILURE_STATUSES, Cluster, Endpoint
 from router.config import OutlierDetection
-from router.errors import NoHealthyBackend, QueueTimeout, StreamError, UpstreamError
+from router.errors import QueueTimeout, ResponseNotFound, StreamError, UpstreamError
 from router.snapshot import ModelEntry
 
 if TYPE_CHECKING:
@@ -126,12 +126,14 @@ class Pin:
 
     ``backend``: the endpoint key that holds it, tried first when it is up; ``probe``: a
     404 answer (vLLM's "Response with id … not found", sent before any generation) moves
-    on to the model's next backend instead of being the answer; ``capture``: called with
-    (endpoint, the first bytes of a 2xx answer) until it returns True, to learn the id of a
-    new answer."""
+    on to the model's next backend instead of being the answer; ``found``: called with the
+    endpoint that accepted a probed request (it holds the answer asked about);
+    ``capture``: called with (endpoint, the first bytes of a 2xx answer) until it returns
+    True, to learn the id of a new answer."""
 
     backend: str | None = None
     probe: bool = False
+    found: Callable[[Endpoint], None] | None = None
     capture: Callable[[Endpoint, bytes], bool] | None = None
 
 
@@ -161,8 +163,11 @@ async def forward(
     head = head_builder(request, len(body), request_id, strip_keys)
     endpoint, response = await exchange(model, head, body, key, outlier, on_eject, ex, pin)
     capture = None
-    if pin is not None and pin.capture is not None and 200 <= response.status < 300:
-        capture = partial(pin.capture, endpoint)
+    if pin is not None and 200 <= response.status < 300:
+        if pin.found is not None:
+            pin.found(endpoint)
+        if pin.capture is not None:
+            capture = partial(pin.capture, endpoint)
     try:
         return await relay(request, response, request_id, stream_error, ex, extra_headers,
                            capture)
@@ -189,32 +194,45 @@ def head_builder(request: Request, length: int, request_id: str,
 
 async def forward_stored(
     request: Request,
+    response_id: str,
     holders: list[tuple[ModelEntry, str | None]],
     request_id: str,
     outlier: OutlierDetection,
     on_eject: Callable[[Endpoint], None],
+    found: Callable[[ModelEntry, Endpoint], None],
     strip_keys: bool = False,
     ex: Exchange | None = None,
 ) -> None:
     """A request about a stored Responses API answer (``GET``/``cancel`` by id), which
     names no model: ask the backends of each (model, backend known to hold it) in turn,
-    and relay the first answer that is not a 404, or the last 404."""
+    each backend once, and relay the first answer that is not a 404 (``found`` learns
+    where it was), or the last 404. A model whose backends cannot answer now (none up,
+    queue full, connection failures) is passed over while another model is left."""
     body = request.body
     head = head_builder(request, len(body), request_id, strip_keys)
+    asked: set[Endpoint] = set()
     for n, (model, backend) in enumerate(holders, 1):
+        last = n == len(holders)
+        if asked.issuperset(model.cluster.endpoints):
+            if last:
+                raise ResponseNotFound(response_id)
+            continue  # its backends (shared with a model asked before) said 404 already
         if ex is not None:
             ex.matched(model.name, model)
         try:
             endpoint, response = await exchange(model, head, body, None, outlier, on_eject,
-                                                ex, Pin(backend, probe=True))
-        except NoHealthyBackend:
-            if n < len(holders):
-                continue  # nothing of this model is up: the answer is not there now
+                                                ex, Pin(backend, probe=True), asked)
+        except (UpstreamError, QueueTimeout):
+            if not last:
+                continue
             raise
         try:
-            if response.status == 404 and n < len(holders):
+            if response.status == 404 and not last:
+                asked.add(endpoint)
                 await response.read()
                 continue
+            if response.status < 500 and response.status != 404:
+                found(model, endpoint)
             await relay(request, response, request_id, None, ex)
             return
         finally:
@@ -233,6 +251,7 @@ async def exchange(
     on_eject: Callable[[Endpoint], None],
     ex: Exchange | None = None,
     pin: Pin | None = None,
+    tried: set[Endpoint] | None = None,
 ) -> tuple[Endpoint, upstream.Response]:
     """Pick an endpoint, send, and return it with the response's status and headers.
 
@@ -242,10 +261,12 @@ async def exchange(
     up, with jittered exponential backoff, up to ``retries.attempts`` times. A first-byte
     timeout is not retried (the engine may be working on it; waiting that long twice helps
     nobody). ``ex``, when metrics, tracing or the access log are on, records what
-    happened. ``pin`` (see ``Pin``) tries one backend first and may probe on 404."""
+    happened. ``pin`` (see ``Pin``) tries one backend first and may probe on 404;
+    ``tried`` starts the set of endpoints not to use (and collects those tried)."""
     cluster = model.cluster
     retries = model.retries
-    tried: set[Endpoint] = set()
+    if tried is None:
+        tried = set()
     attempt = 0
     first = pin.backend if pin is not None else None
     probe = pin is not None and pin.probe
@@ -283,9 +304,11 @@ async def exchange(
                     ex.status = ex.attempt_status = status
                 if status == 404 and probe and cluster.any_up(tried | {endpoint}):
                     # Not this backend's answer: ask the next one, at once.
-                    await response.read()
-                    response.close()
                     tried.add(endpoint)
+                    try:
+                        await response.read()
+                    finally:
+                        response.close()
                     continue
                 if status not in FAILURE_STATUSES:
                     endpoint.record_success()
@@ -397,11 +420,11 @@ async def relay(
             response.close()
         if ex is not None:
             ex.body(body, content_type.decode("latin-1"))
+        if capture is not None:
+            capture(body)
         relayed = RelayedResponse(body, status, headers)
         sent = await request.respond(relayed)
         await sent.send()  # head and body in one write, before the caller's bookkeeping
-        if capture is not None:
-            capture(body)
         return None
 
     relayed = RelayedResponse(None, status, headers)
@@ -417,9 +440,9 @@ async def relay(
             async for chunk in response.iter_chunks():
                 if ex is not None:
                     ex.chunk(chunk)
-                await stream.send(chunk)
                 if capture is not None and capture(chunk):
                     capture = None
+                await stream.send(chunk)
     except UpstreamError as exc:
         # Headers are gone already: the status cannot change any more.
         log.warning("backend stream broke off (request %s): %s", request_id, exc)

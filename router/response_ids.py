@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 from router.cluster import Endpoint
 from router.relay import Pin
@@ -60,25 +62,37 @@ class ResponseIds:
     def __len__(self) -> int:
         return len(self._where)
 
-    def pin(self, model: str, previous: object) -> Pin:
-        """How to send a ``POST /v1/responses`` for ``model``: learn the id of its answer,
-        and with a ``previous_response_id`` go first to the backend that holds that one,
-        probing the others when it is unknown or gone."""
-        chunks = 0
+    def pin(self, model: str, body: dict[str, Any]) -> Pin:
+        """How to send a ``POST /v1/responses`` (parsed ``body``) for ``model``: learn the
+        id of its answer unless ``store`` is false, and with a ``previous_response_id`` go
+        first to the backend that holds that one, probing the others when it is unknown
+        or gone (and remember where it was found)."""
+        capture = None
+        if body.get("store") is not False:
+            chunks = 0
 
-        def capture(endpoint: Endpoint, data: bytes) -> bool:
-            nonlocal chunks
-            chunks += 1
-            response_id = response_id_in(data)
-            if response_id is not None:
-                self.remember(response_id, model, endpoint.key)
-            return response_id is not None or chunks >= SCAN_CHUNKS
+            def capture(endpoint: Endpoint, data: bytes) -> bool:
+                nonlocal chunks
+                chunks += 1
+                response_id = response_id_in(data)
+                if response_id is not None:
+                    self.remember(response_id, model, endpoint.key)
+                return response_id is not None or chunks >= SCAN_CHUNKS
 
+        previous = body.get("previous_response_id")
         if not isinstance(previous, str):
             return Pin(capture=capture)
-        found = self.lookup(previous)
-        backend = found[1] if found is not None and found[0] == model else None
-        return Pin(backend, probe=True, capture=capture)
+        where = self.lookup(previous)
+        backend = where[1] if where is not None and where[0] == model else None
+
+        def found(endpoint: Endpoint) -> None:
+            self.remember(previous, model, endpoint.key)
+
+        return Pin(backend, probe=True, found=found, capture=capture)
+
+    def found(self, response_id: str) -> Callable[[ModelEntry, Endpoint], None]:
+        """For ``forward_stored``: remember where ``response_id`` was found."""
+        return lambda model, endpoint: self.remember(response_id, model.name, endpoint.key)
 
     def holders(self, response_id: str, models: list[ModelEntry]
                 ) -> list[tuple[ModelEntry, str | None]]:

@@ -84,19 +84,49 @@ def test_streamed_answer_is_remembered_too(
 
 def test_a_router_that_never_saw_the_answer_finds_it(
         fleet: Fleet, launch_router: Callable[[str], Router]) -> None:
-    """Another worker or replica: its map is empty, so it asks each backend in turn."""
+    """Another worker or replica: its map is empty, so it asks each backend in turn, and
+    remembers where it found the answer."""
     text = responses_routes(fleet)
-    made = client(launch_router(text)).responses.create(model="m", input="Hello")
-    other = client(launch_router(text))
-    assert other.responses.retrieve(made.id).id == made.id
-    answer = other.responses.create(model="m", input="next", previous_response_id=made.id)
-    assert answer.previous_response_id == made.id
-    # once found, the new answer is remembered: its follow-up goes straight to its engine
-    owner = engine_holding(fleet, answer.id)
+    maker = client(launch_router(text))
+    made = [maker.responses.create(model="m", input=f"q{i}").id for i in range(3)]
+    owners = [engine_holding(fleet, rid) for rid in made]
+    assert len(set(owners)) == 3  # round robin put one answer on each engine
+    other_router = launch_router(text)
+    other = client(other_router)
     for engine in fleet:
         engine.reset()
-    other.responses.create(model="m", input="more", previous_response_id=answer.id)
-    assert holder(fleet) == [owner]
+    for rid in reversed(made):  # an order the other router's round robin does not follow
+        assert other.responses.retrieve(rid).id == rid
+    probed = sum(e.count(f"/v1/responses/{rid}") for e in fleet for rid in made)
+    assert probed > 3  # some backends were asked and said 404
+    for engine in fleet:
+        engine.reset()
+    for rid in made:  # now remembered: straight to the owner, no probe
+        other.responses.retrieve(rid)
+    for rid, owner in zip(made, owners, strict=True):
+        assert [e.count(f"/v1/responses/{rid}") for e in fleet] == [
+            1 if e is owner else 0 for e in fleet]
+    answer = other.responses.create(model="m", input="next", previous_response_id=made[0])
+    assert answer.previous_response_id == made[0]
+    assert engine_holding(fleet, answer.id) is owners[0]
+    backends = httpx.get(f"{other_router.url}/admin/backends", timeout=10).json()
+    assert all(b["in_flight"] == 0 for b in backends["m"]["backends"])
+
+
+def test_answers_across_models_are_found(
+        fleet: Fleet, launch_router: Callable[[str], Router]) -> None:
+    """Two models on separate engines: an id is looked for under each model the client
+    may use; a model whose backends were asked already is not asked again."""
+    e = fleet.engines
+    text = routes({"a": model(e[0], endpoints=["responses"]),
+                   "b": model(e[1], e[2], endpoints=["responses"])})
+    made = client(launch_router(text)).responses.create(model="b", input="Hello").id
+    other = client(launch_router(text))
+    for engine in fleet:
+        engine.reset()
+    assert other.responses.retrieve(made).id == made
+    owner = engine_holding(fleet, made)
+    assert owner in (e[1], e[2])
 
 
 def test_cancel_reaches_the_right_engine(
@@ -122,6 +152,32 @@ def test_unknown_and_invalid_ids(fleet: Fleet, launch_router: Callable[[str], Ro
     with pytest.raises(openai.BadRequestError) as bad:
         sdk.responses.retrieve("not-an-id")
     assert bad.value.param == "response_id"
+    backends = httpx.get(f"{router.url}/admin/backends", timeout=10).json()
+    assert all(b["in_flight"] == 0 for b in backends["m"]["backends"])
+
+
+def test_a_key_reaches_only_answers_of_its_models(
+        fleet: Fleet, launch_router: Callable[[str], Router],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    e = fleet.engines
+    spec = {"a": model(e[0], endpoints=["responses"]),
+            "b": model(e[1], endpoints=["responses"])}
+    text = routes(spec)[:-2] + (
+        ', "auth": {"keys": [{"id": "ka", "key_env": "RY_TEST_KA", "models": ["a"]}, '
+        '{"id": "kb", "key_env": "RY_TEST_KB", "models": ["b"]}]}}\n')
+    key_a, key_b = "a" * 40, "b" * 40
+    monkeypatch.setenv("RY_TEST_KA", key_a)
+    monkeypatch.setenv("RY_TEST_KB", key_b)
+    router = launch_router(text)
+    as_b = openai.OpenAI(base_url=f"{router.url}/v1", api_key=key_b, max_retries=0)
+    as_a = openai.OpenAI(base_url=f"{router.url}/v1", api_key=key_a, max_retries=0)
+    made = as_b.responses.create(model="b", input="secret").id
+    assert as_b.responses.retrieve(made).id == made
+    for engine in fleet:
+        engine.reset()
+    with pytest.raises(openai.NotFoundError):
+        as_a.responses.retrieve(made)
+    assert e[1].count(f"/v1/responses/{made}") == 0  # b's engine was never asked
 
 
 def test_no_model_serving_responses_is_404(
@@ -133,16 +189,19 @@ def test_no_model_serving_responses_is_404(
     assert all(e.count("/v1/responses/resp_x") == 0 for e in fleet)
 
 
-def test_owner_down_then_back(fleet: Fleet, launch_router: Callable[[str], Router]) -> None:
-    """While the engine holding an answer is down, follow-ups fail with the engines' 404
-    (the answer is in the dead engine's memory); nothing is retried forever."""
+def test_answers_of_a_dead_engine_are_gone(
+        fleet: Fleet, launch_router: Callable[[str], Router]) -> None:
+    """While the engine holding an answer is down, a retrieval is retried on the others
+    (connection refused) and ends with their 404: the answer is in the dead engine's
+    memory, and nothing waits for it."""
     router = launch_router(responses_routes(fleet))
     sdk = client(router)
     made = sdk.responses.create(model="m", input="Hello")
     owner = engine_holding(fleet, made.id)
     owner.kill()
-    with pytest.raises((openai.NotFoundError, openai.APIStatusError)):
+    with pytest.raises(openai.NotFoundError) as info:
         sdk.responses.retrieve(made.id)
+    assert made.id in info.value.message
     assert sdk.responses.create(model="m", input="fresh").id  # the others still serve
 
 
