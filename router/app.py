@@ -54,7 +54,7 @@ from router.settings import Settings
 from router.snapshot import Snapshot
 from router.telemetry import GEN_AI_OPERATIONS, Exchange, Observer, tracing_wanted
 from router.tenants.keys import Tenant
-from router.tenants.limits import Limiter, build_limiter, estimate_tokens
+from router.tenants.limits import Admission, Limiter, build_limiter, estimate_tokens
 
 log = logging.getLogger("routeyard")
 JSON = "application/json"
@@ -150,12 +150,9 @@ def create_app(settings: Settings | None = None) -> Sanic:
     async def stored_response(request: Request, response_id: str) -> None:
         """``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel``: no model in
         the request, so the answer's backend comes from ``state.response_ids``."""
-        if unsafe_head(request.head):
-            raise ClientError("Header values must not contain CR, LF or NUL characters.")
+        request_id = _checked_request_id(request)
         snapshot = state.holder.current
         tenant = _authenticate(snapshot, request)
-        request_id = request.ctx.request_id = (
-            request.headers.get("x-request-id") or new_request_id())
         if not response_id.startswith("resp"):
             raise ClientError(f"Invalid 'response_id': '{response_id}'. Expected an ID that "
                               "begins with 'resp'.", param="response_id")
@@ -178,15 +175,11 @@ def create_app(settings: Settings | None = None) -> Sanic:
         except BaseException as exc:
             if ex is not None:
                 ex.input_tokens = ex.output_tokens = None  # counted when the answer was made
-                ex.finish(exc)
-            if admission is not None:
-                await asyncio.shield(state.limiter.record(admission, 0))
+            await _settle(state, ex, admission, exc, 0)
             raise
         if ex is not None:
             ex.input_tokens = ex.output_tokens = None
-            ex.finish(None)
-        if admission is not None:
-            await asyncio.shield(state.limiter.record(admission, 0))
+        await _settle(state, ex, admission, None, 0)
 
     for route in BY_RESPONSE_ID:
         for path in route.sanic_paths:
@@ -294,12 +287,9 @@ def _proxy_handler(route: Route, state: State) -> Handler:
     creates_responses = route.path == RESPONSES_CREATE
 
     async def proxy(request: Request) -> None:
-        if unsafe_head(request.head):
-            raise ClientError("Header values must not contain CR, LF or NUL characters.")
+        request_id = _checked_request_id(request)
         snapshot = state.holder.current
         body = request.body
-        request_id = request.ctx.request_id = (
-            request.headers.get("x-request-id") or new_request_id())
         tenant = _authenticate(snapshot, request)
         observer = state.observer
         if observer is None and tenant is not None:
@@ -344,26 +334,40 @@ def _proxy_handler(route: Route, state: State) -> Handler:
                           state.health.eject, ex, extra, strip_keys=tenant is not None,
                           pin=pin)
         except BaseException as exc:
-            if ex is not None:
-                ex.finish(exc)
-            if admission is not None:
-                await asyncio.shield(state.limiter.record(admission, None))
+            await _settle(state, ex, admission, exc, None)
             raise
-        if ex is not None:
-            ex.finish(None)
-        if admission is not None:
-            used = None
-            if ex is not None and ex.input_tokens is not None:
-                used = ex.input_tokens + (ex.output_tokens or 0)
-            # shielded: the client may hang up now that it has the answer, which cancels
-            # this handler; the usage correction must still reach the (Redis) limiter
-            await asyncio.shield(state.limiter.record(admission, used))
-        # forward has sent the response: the bookkeeping above ran after the client had it
+        used = None
+        if ex is not None and ex.input_tokens is not None:
+            used = ex.input_tokens + (ex.output_tokens or 0)
+        # forward has sent the response: this runs after the client has it
+        await _settle(state, ex, admission, None, used)
 
     return proxy
 
 
 _SILENT = Observer(tracing=None, metrics=None, access=None)
+
+
+def _checked_request_id(request: Request) -> str:
+    """The request's id (the client's ``x-request-id`` or a new one), once its head is
+    known to be safe to forward: a bare CR or LF or a NUL in it is refused (Sanic splits
+    header lines on CRLF only, so such a value would become a header line of its own)."""
+    if unsafe_head(request.head):
+        raise ClientError("Header values must not contain CR, LF or NUL characters.")
+    request_id = request.ctx.request_id = (
+        request.headers.get("x-request-id") or new_request_id())
+    return request_id
+
+
+async def _settle(state: State, ex: Exchange | None, admission: Admission | None,
+                  exc: BaseException | None, used: int | None) -> None:
+    """A request ended, however it ended: its record to metrics, traces and the access
+    log, its token usage to the limiter. Shielded: the client may hang up once it has the
+    answer, which cancels the handler, and the (Redis) usage correction must still land."""
+    if ex is not None:
+        ex.finish(exc)
+    if admission is not None:
+        await asyncio.shield(state.limiter.record(admission, used))
 
 
 def _batch_service(config_path: str, app: Sanic, state: State) -> BatchService | None:
