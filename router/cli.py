@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from functools import partial
 
-from router.config import ConfigError, load_file
+from router.config import ConfigError, RoutesConfig, load_file
 from router.settings import Settings
 
 DEMO_ENGINES = (
@@ -173,6 +173,7 @@ def serve_command(settings: Settings) -> int:
         print(f"routeyard: {exc}", file=sys.stderr)
         return 1
     metrics_dir = _metrics_dir(settings)
+    _warn_unshared_limits(config, settings.workers)
     logging.getLogger("routeyard").info(
         "serving %d models from %s on %s:%d with %d worker(s)",
         len(config.models), settings.config, settings.host, settings.port, settings.workers,
@@ -198,6 +199,20 @@ def serve_command(settings: Settings) -> int:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _warn_unshared_limits(config: RoutesConfig, workers: int) -> None:
+    """Rate limits without Redis are kept in each worker: say so where operators look."""
+    if workers <= 1 or os.environ.get("ROUTEYARD_REDIS_URL") or config.auth is None:
+        return
+    limited = [k.id for k in config.auth.keys
+               if k.limits.rpm or k.limits.tpm or any(v.rpm or v.tpm
+                                                      for v in k.model_limits.values())]
+    if limited:
+        logging.getLogger("routeyard").warning(
+            "rate limits of %d key(s) (%s) are kept per worker: with %d workers a key may "
+            "get up to %dx its rpm/tpm; set ROUTEYARD_REDIS_URL to share them "
+            "(docs/security.md)", len(limited), ", ".join(limited[:5]), workers, workers)
 
 
 def _metrics_dir(settings: Settings) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,3 +208,28 @@ async def test_build_limiter_picks_redis_only_when_configured() -> None:
     assert isinstance(limiter, RedisLimiter)
     assert "secret" not in limiter.url
     await limiter.close()
+
+
+@pytest.mark.parametrize(("workers", "redis", "warned"), [
+    (2, False, True), (1, False, False), (2, True, False)])
+def test_serve_warns_when_limits_are_per_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, redis: bool,
+        warned: bool) -> None:
+    """``--workers N`` without Redis keeps limits per worker: the log says so at start."""
+    from tests.conftest import start_router, stop
+
+    monkeypatch.setenv("RY_TEST_LIMITED_KEY", "k" * 40)
+    if redis:
+        monkeypatch.setenv("ROUTEYARD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    else:
+        monkeypatch.delenv("ROUTEYARD_REDIS_URL", raising=False)
+    text = ("models:\n  m:\n    backends:\n      - url: http://127.0.0.1:9\n"
+            "    endpoints: [chat]\n"
+            "auth:\n  keys:\n    - id: limited\n      key_env: RY_TEST_LIMITED_KEY\n"
+            "      models: ['*']\n      limits: {rpm: 60}\n")
+    router = start_router(tmp_path, text, workers=workers)
+    stop(router.proc)
+    log = router.log.read_text()
+    assert ("kept per worker" in log) is warned, log[-2000:]
+    if warned:
+        assert "limited" in log and "2x its rpm/tpm" in log
