@@ -64,6 +64,8 @@ ENV = {
     "VLLM_HOST_IP": "127.0.0.1",  # the engine's internal ZMQ sockets stay on loopback
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # with --distributed-executor-backend uni
     "VLLM_LOGGING_LEVEL": "WARNING",
+    # stored Responses API answers: previous_response_id and GET /v1/responses/{id}
+    "VLLM_ENABLE_RESPONSES_API_STORE": "1",
 }
 
 

@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import httpx
+import openai
 import pytest
 
 from router.compat import run
 from router.compat.requests import groups_of
+from router.response_ids import response_id_in
 from tests.conftest import ROOT, Router, start_router, stop
 
 pytestmark = pytest.mark.real_vllm
@@ -115,3 +118,28 @@ def test_compat_has_no_difference_on_real_vllm(
                engine_model=kind.engine_model, groups=kind.groups, markdown=report, out=out)
     print(f"\n{out.getvalue()}compat {kind.kind}: {time.monotonic() - started:.1f} s")
     assert code == 0, out.getvalue()
+
+
+def test_stored_responses_through_the_router(real_router: Router) -> None:
+    """On a real engine (``VLLM_ENABLE_RESPONSES_API_STORE=1``): the router reads the id
+    of an answer where ``router.response_ids`` expects it (the body, the first stream
+    chunk), and retrieval and follow-ups by id work through it."""
+    sdk = openai.OpenAI(base_url=f"{real_router.url}/v1", api_key="unused", max_retries=0)
+    body = {"model": "chat", "input": "Hello", "max_output_tokens": 4}
+    raw = httpx.post(f"{real_router.url}/v1/responses", json=body, timeout=120)
+    assert raw.status_code == 200, raw.text
+    made = raw.json()["id"]
+    assert response_id_in(raw.content) == made
+    with httpx.stream("POST", f"{real_router.url}/v1/responses",
+                      json={**body, "stream": True}, timeout=120) as streamed:
+        chunks = streamed.iter_raw()
+        first = next(chunks)
+        rest = b"".join(chunks)
+    streamed_id = response_id_in(first)
+    assert streamed_id is not None and streamed_id.encode() in rest
+    assert sdk.responses.retrieve(made).id == made
+    follow = sdk.responses.create(model="chat", input="More", max_output_tokens=4,
+                                  previous_response_id=made)
+    assert follow.previous_response_id == made
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve("resp_" + "0" * 32)
