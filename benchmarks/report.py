@@ -9,12 +9,11 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 
 from benchmarks.results import (
-    ChatSample,
     Results,
-    StreamSample,
     diff,
     median_of,
     paired,
@@ -25,44 +24,16 @@ from benchmarks.results import (
 DIRECT = "direct"
 
 
-def _rps(r: ChatSample) -> float:
-    return r.rps
-
-
-def _p50(r: ChatSample) -> float:
-    return r.p50_ms
-
-
-def _p99(r: ChatSample) -> float:
-    return r.p99_ms
-
-
-def _err(r: ChatSample) -> float:
-    return r.errors
-
-
-def _cpu(r: ChatSample | StreamSample) -> float:
-    return r.cpu_us
-
-
-def _ttfb(s: StreamSample) -> float:
-    return s.ttfb_p50
-
-
-def _total(s: StreamSample) -> float:
-    return s.total_p50
-
-
-def _ttfb99(s: StreamSample) -> float:
-    return s.ttfb_p99
-
-
-def _eps(s: StreamSample) -> float:
-    return s.events_per_s
-
-
-def _serr(s: StreamSample) -> float:
-    return s.errors
+# The figure of one sample (ChatSample or StreamSample) that a column shows.
+_rps = attrgetter("rps")
+_p50 = attrgetter("p50_ms")
+_p99 = attrgetter("p99_ms")
+_err = _serr = attrgetter("errors")
+_cpu = attrgetter("cpu_us")
+_ttfb = attrgetter("ttfb_p50")
+_total = attrgetter("total_p50")
+_ttfb99 = attrgetter("ttfb_p99")
+_eps = attrgetter("events_per_s")
 
 
 @dataclass(frozen=True)

@@ -159,8 +159,9 @@ def create_app(settings: Settings | None = None) -> Sanic:
         models = [m for m in snapshot.models.values() if "responses" in m.groups
                   and (tenant is None or tenant.can_use(m.name))]
         observer = state.observer
-        ex = None if observer is None else Exchange(observer, request, "responses",
-                                                    "retrieve_response", request_id)
+        ex = None if observer is None else Exchange(
+            observer, request, "responses", "retrieve_response", request_id,
+            reads_usage=False)  # its tokens were counted when the answer was made
         ids = state.response_ids
         admission = None
         try:
@@ -173,12 +174,8 @@ def create_app(settings: Settings | None = None) -> Sanic:
                                  snapshot.config.outlier_detection, state.health.eject,
                                  ids.found(response_id), tenant is not None, ex)
         except BaseException as exc:
-            if ex is not None:
-                ex.input_tokens = ex.output_tokens = None  # counted when the answer was made
             await _settle(state, ex, admission, exc, 0)
             raise
-        if ex is not None:
-            ex.input_tokens = ex.output_tokens = None
         await _settle(state, ex, admission, None, 0)
 
     for route in BY_RESPONSE_ID:

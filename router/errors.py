@@ -53,7 +53,8 @@ class RouterError(Exception):
             self.code = code
         self.headers = headers or {}
 
-    def to_envelope(self) -> dict[str, dict[str, str | None]]:
+    def to_envelope(self) -> dict[str, object]:
+        """OpenAI's envelope (``envelope`` in the style of the route)."""
         return {
             "error": {
                 "message": self.message,
@@ -76,7 +77,7 @@ class RouterError(Exception):
         if style is ErrorStyle.COHERE:
             return {"message": self.message,
                     "id": None if request_id is None else _printable(request_id)}
-        return self.to_envelope()  # type: ignore[return-value]
+        return self.to_envelope()
 
     def body(self, style: ErrorStyle = ErrorStyle.OPENAI, request_id: str | None = None) -> bytes:
         return orjson.dumps(self.envelope(style, request_id))

@@ -169,13 +169,20 @@ async def forward(
         if pin.capture is not None:
             capture = partial(pin.capture, endpoint)
     try:
-        return await relay(request, response, request_id, stream_error, ex, extra_headers,
-                           capture)
+        await relay(request, response, request_id, stream_error, ex, extra_headers, capture)
     finally:
-        response.close()  # a no-op once complete; else the engine stops generating
-        model.cluster.release(endpoint)
-        if ex is not None and ex.client_span is not None:
-            ex.end_attempt()
+        _release(model, endpoint, response, ex)
+
+
+def _release(model: ModelEntry, endpoint: Endpoint, response: upstream.Response,
+             ex: Exchange | None) -> None:
+    """The end of an attempt that got an answer, however it ended: the response closed
+    (a no-op once complete; else the connection is aborted, so the engine stops
+    generating), the endpoint released, the attempt's CLIENT span ended."""
+    response.close()
+    model.cluster.release(endpoint)
+    if ex is not None and ex.client_span is not None:
+        ex.end_attempt()
 
 
 def head_builder(request: Request, length: int, request_id: str,
@@ -236,10 +243,7 @@ async def forward_stored(
             await relay(request, response, request_id, None, ex)
             return
         finally:
-            response.close()
-            model.cluster.release(endpoint)
-            if ex is not None and ex.client_span is not None:
-                ex.end_attempt()
+            _release(model, endpoint, response, ex)
 
 
 async def exchange(
@@ -386,7 +390,7 @@ async def relay(
 ) -> None:
     """Send ``response`` (status, headers, body) to the client: in one write when small
     and complete, else chunk by chunk. ``capture`` sees the body, or each chunk until it
-    returns True."""
+    returns True. The caller closes ``response`` (``_release``)."""
     content_type = b""
     length = -1
     headers: list[tuple[bytes, bytes]] = []
@@ -414,10 +418,7 @@ async def relay(
 
     is_sse = content_type.startswith(b"text/event-stream")
     if response.complete or (0 <= length <= SMALL_BODY and not is_sse):
-        try:
-            body = await response.read()
-        finally:
-            response.close()
+        body = await response.read()
         if ex is not None:
             ex.body(body, content_type.decode("latin-1"))
         if capture is not None:
@@ -454,7 +455,5 @@ async def relay(
         else:
             request.transport.close()  # the client sees a truncated body, not a clean end
         return None
-    finally:
-        response.close()
     await stream.eof()
     return None

@@ -318,13 +318,16 @@ class Exchange:
     __slots__ = (
         "attempt_error", "attempt_status", "backend", "backend_model", "bytes_in", "bytes_out",
         "client_span", "error", "group", "input_tokens", "label_model", "model",
-        "obs", "operation", "output_tokens", "parent", "queue_wait", "request", "request_id",
-        "retries", "route_span", "span", "status", "t0", "t_first", "t_sent", "wall0",
+        "obs", "operation", "output_tokens", "parent", "queue_wait", "reads_usage", "request",
+        "request_id", "retries", "route_span", "span", "status", "t0", "t_first", "t_sent",
+        "wall0",
     )
 
     def __init__(self, obs: Observer, request: Request, group: str, operation: str,
-                 request_id: str) -> None:
+                 request_id: str, reads_usage: bool = True) -> None:
         self.obs = obs
+        #: False for an answer whose tokens were counted when it was made (a stored one).
+        self.reads_usage = reads_usage
         self.request = request
         self.group = group
         self.operation = operation
@@ -407,6 +410,8 @@ class Exchange:
             self._usage(data)
 
     def _usage(self, data: bytes) -> None:
+        if not self.reads_usage:
+            return
         found = _compact_usage(data) or usage_of(data)
         if found is not None:
             if found[0] is not None:
