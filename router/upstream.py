@@ -8,6 +8,8 @@ then the body chunk by chunk as the backend sends it, with flow control (reading
 backend pauses while the client is slow), per-phase timeouts, and abort on close.
 
 Errors from the socket and the parser are translated here into ``router.errors`` types.
+``Transport`` is the seam callers depend on: ``Pool`` is the real one, and
+``router.upstream_mock.MockTransport`` answers from a script in memory, for tests.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -31,6 +34,40 @@ from router.errors import (
 #: Pause reading from the backend while this many body bytes wait for the client; reading
 #: resumes as soon as the client has taken them.
 HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-phase limits of one exchange, in seconds; none of them bounds a whole body."""
+
+    connect: float  # until the connection is up
+    first_byte: float  # from sending the request until status and headers arrived
+    idle: float  # the longest silence between two pieces of the body
+
+
+class FlowControl(Protocol):
+    """What a ``Response`` needs from whatever produces its body."""
+
+    def pause(self) -> None:
+        """Stop producing: the reader has ``HIGH_WATER`` bytes waiting."""
+
+    def resume(self) -> None:
+        """Produce again: the reader took what was waiting."""
+
+    def abort(self) -> None:
+        """Give up on the body (and let the backend know)."""
+
+
+class Transport(Protocol):
+    """Sends requests to one backend, like httpx's ``handle_async_request``."""
+
+    async def handle(self, head: bytes, body: bytes, timeouts: Timeouts) -> Response:
+        """Send ``head`` (request line and headers, ending in a blank line) and ``body``;
+        return once status and headers arrived. Failures raise ``UpstreamError``s."""
+        ...
+
+    def close(self) -> None:
+        """Drop idle connections; exchanges under way go on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +101,15 @@ class Response:
     """One upstream response: status and headers now, the body as it arrives."""
 
     __slots__ = (
-        "_buffered", "_conn", "_done", "_error", "_idle_timeout", "_loop", "_waiter", "chunks",
+        "_buffered", "_done", "_error", "_flow", "_idle_timeout", "_loop", "_waiter", "chunks",
         "headers", "status",
     )
 
-    def __init__(self, conn: Connection, idle_timeout: float) -> None:
-        self._conn: Connection | None = conn
-        self._loop = conn.loop
+    def __init__(
+        self, flow: FlowControl, loop: asyncio.AbstractEventLoop, idle_timeout: float
+    ) -> None:
+        self._flow: FlowControl | None = flow
+        self._loop = loop
         self._idle_timeout = idle_timeout
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -80,18 +119,20 @@ class Response:
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
 
-    # -- fed by the connection -------------------------------------------------------
-    def _feed(self, chunk: bytes) -> None:
+    # -- fed by the transport ---------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        """A piece of the body arrived."""
         self.chunks.append(chunk)
         self._buffered += len(chunk)
-        if self._buffered > HIGH_WATER and self._conn is not None:
-            self._conn.pause()
+        if self._buffered > HIGH_WATER and self._flow is not None:
+            self._flow.pause()
         self._wake()
 
-    def _finish(self, error: Exception | None = None) -> None:
+    def finish(self, error: Exception | None = None) -> None:
+        """The body is over: complete, or broken off with ``error``."""
         self._done = True
         self._error = error
-        self._conn = None
+        self._flow = None
         self._wake()
 
     def _wake(self) -> None:
@@ -112,8 +153,8 @@ class Response:
         chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
-        if self._conn is not None:
-            self._conn.resume()
+        if self._flow is not None:
+            self._flow.resume()
         return chunk
 
     async def _wait(self) -> None:
@@ -151,19 +192,24 @@ class Response:
 
         An aborted connection is how the engine learns the client went away, so vLLM
         stops generating."""
-        conn = self._conn
-        if conn is not None and not self._done:
-            self._finish(BackendUnavailable("response abandoned"))
-            conn.abort()
+        flow = self._flow
+        if flow is not None and not self._done:
+            self.finish(BackendUnavailable("response abandoned"))
+            flow.abort()
+
+
+def timeout_error(phase: str) -> BackendTimeout:
+    return BackendTimeout(f"the backend sent nothing within the {phase} timeout")
 
 
 def _expire(waiter: asyncio.Future[None], phase: str) -> None:
     if not waiter.done():
-        waiter.set_exception(BackendTimeout(f"the backend sent nothing within the {phase} timeout"))
+        waiter.set_exception(timeout_error(phase))
 
 
 class Connection(asyncio.Protocol):
-    """One kept-alive HTTP/1.1 connection; carries one exchange at a time.
+    """One kept-alive HTTP/1.1 connection; carries one exchange at a time. It is the
+    ``FlowControl`` of the response it carries.
 
     It keeps its event loop: ``asyncio.get_running_loop()`` costs a ``getpid`` syscall per
     call on Python 3.11, about 8% of the router's CPU when called per request."""
@@ -199,7 +245,7 @@ class Connection(asyncio.Protocol):
         response = self.response
         if response is not None and not response._done:
             if self.until_close and response.status:
-                response._finish()
+                response.finish()
             else:
                 self._fail(BackendUnavailable("the backend closed the connection"))
 
@@ -226,7 +272,7 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.response is not None:
-            self.response._feed(body)
+            self.response.feed(body)
 
     def on_message_complete(self) -> None:
         response = self.response
@@ -234,7 +280,7 @@ class Connection(asyncio.Protocol):
             return
         self.response = None
         keep = self.parser.should_keep_alive() and not self.until_close
-        response._finish()
+        response.finish()
         if keep:
             self.pool.release(self)
         else:
@@ -248,7 +294,7 @@ class Connection(asyncio.Protocol):
         response = self.response
         self.response = None
         if response is not None and not response._done:
-            response._finish(error)
+            response.finish(error)
 
     def pause(self) -> None:
         if not self.paused and self.transport is not None:
@@ -267,17 +313,44 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-class Pool:
-    """Idle keep-alive connections to one origin (most recently used first)."""
+#: Opens a connection as ``loop.create_connection`` does: makes the protocol with the
+#: factory, connects it to a transport and returns both; raises ``OSError`` on failure.
+Opener = Callable[
+    [Callable[[], Connection]], Awaitable[tuple[asyncio.BaseTransport, Connection]]
+]
 
-    def __init__(self, origin: Origin, max_idle: int = 512) -> None:
+
+class Pool:
+    """The ``Transport`` to one origin: idle keep-alive connections, most recently used
+    first. ``opener`` replaces the TCP (or TLS) connect, e.g. with an in-memory transport."""
+
+    def __init__(self, origin: Origin, max_idle: int = 512, opener: Opener | None = None) -> None:
         self.origin = origin
         self.max_idle = max_idle
+        self.opener = opener
         self.idle: list[Connection] = []
         self.closed = False
         self.ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if origin.scheme == "https" else None
         )
+
+    async def handle(self, head: bytes, body: bytes, timeouts: Timeouts) -> Response:
+        """Send ``head`` (request line and headers, ending in a blank line) and ``body``.
+
+        Returns once status and headers arrived. A kept-alive connection that the backend
+        had already closed is retried once on a fresh connection (nothing reached the
+        backend's application in that case); every other failure raises an
+        ``UpstreamError``.
+        """
+        for attempt in (0, 1):
+            conn = await self.acquire(timeouts.connect)
+            try:
+                return await _exchange(conn, head, body, timeouts)
+            except BackendUnavailable:
+                if attempt == 0 and conn.reused and not conn.got_bytes:
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
     async def acquire(self, connect_timeout: float) -> Connection:
         while self.idle:
@@ -286,24 +359,25 @@ class Pool:
                 conn.reused = True
                 return conn
         loop = asyncio.get_running_loop()
+        origin = self.origin
+
+        def factory() -> Connection:
+            return Connection(self, loop)
+
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: Connection(self, loop),
-                    self.origin.host,
-                    self.origin.port,
-                    ssl=self.ssl,
-                    server_hostname=self.origin.name if self.ssl else None,
-                ),
-                connect_timeout,
+            opened = (
+                self.opener(factory) if self.opener is not None
+                else loop.create_connection(
+                    factory, origin.host, origin.port,
+                    ssl=self.ssl, server_hostname=origin.name if self.ssl else None,
+                )
             )
+            _, conn = await asyncio.wait_for(opened, connect_timeout)
         except TimeoutError:
-            raise ConnectTimeout(
-                f"connecting to {self.origin.host}:{self.origin.port} timed out"
-            ) from None
+            raise ConnectTimeout(f"connecting to {origin.host}:{origin.port} timed out") from None
         except OSError as exc:
             raise BackendUnavailable(
-                f"cannot connect to {self.origin.host}:{self.origin.port}: {exc.strerror or exc}"
+                f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
             ) from exc
         return conn
 
@@ -328,37 +402,9 @@ class Pool:
         self.idle.clear()
 
 
-async def request(
-    pool: Pool,
-    head: bytes,
-    body: bytes,
-    *,
-    connect_timeout: float,
-    first_byte_timeout: float,
-    idle_timeout: float,
-) -> Response:
-    """Send ``head`` (request line and headers, ending in a blank line) and ``body``.
-
-    Returns once status and headers arrived. A kept-alive connection that the backend had
-    already closed is retried once on a fresh connection (nothing reached the backend's
-    application in that case); every other failure raises an ``UpstreamError``.
-    """
-    for attempt in (0, 1):
-        conn = await pool.acquire(connect_timeout)
-        try:
-            return await _exchange(conn, head, body, first_byte_timeout, idle_timeout)
-        except BackendUnavailable:
-            if attempt == 0 and conn.reused and not conn.got_bytes:
-                continue
-            raise
-    raise AssertionError("unreachable")
-
-
-async def _exchange(
-    conn: Connection, head: bytes, body: bytes, first_byte_timeout: float, idle_timeout: float
-) -> Response:
+async def _exchange(conn: Connection, head: bytes, body: bytes, timeouts: Timeouts) -> Response:
     loop = conn.loop
-    response = conn.response = Response(conn, idle_timeout)
+    response = conn.response = Response(conn, loop, timeouts.idle)
     ready = conn.headers_ready = loop.create_future()
     transport = conn.transport
     assert transport is not None
@@ -366,7 +412,7 @@ async def _exchange(
         transport.write(head + body)
     else:
         transport.writelines((head, body))
-    timer = loop.call_later(first_byte_timeout, _expire, ready, "first-byte")
+    timer = loop.call_later(timeouts.first_byte, _expire, ready, "first-byte")
     try:
         await ready
     except BackendTimeout:
