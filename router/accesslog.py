@@ -21,12 +21,13 @@ import os
 import queue
 import threading
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 if TYPE_CHECKING:
-    from router.telemetry import Exchange
+    from router.record import Record
 
 LOGGER = "routeyard.access"
 #: Largest write that a pipe keeps whole (POSIX PIPE_BUF on Linux).
@@ -64,32 +65,33 @@ class AccessLog:
         self.flush()
         self.timer = loop.call_later(FLUSH_INTERVAL, self._schedule, loop)
 
-    def record(self, ex: Exchange, duration: float) -> None:
-        """Append the line for one finished exchange."""
-        span = ex.span
-        trace = span.get_span_context().trace_id if span is not None else 0
-        trace_id = f"{trace:032x}" if trace else _trace_id_of(ex.request.headers)
-        conn = ex.request.conn_info
+    def finish(self, record: Record) -> None:
+        """Append the line for one finished request (the ``Sink`` protocol)."""
+        duration = perf_counter() - record.t0
+        outcome = record.outcome
+        trace = record.trace
+        trace_id = trace.trace_id() if trace is not None else _trace_id_of(record.headers)
         line = orjson.dumps({
             "time": self._time(),
             "logger": LOGGER,
-            "request_id": ex.request_id,
+            "request_id": record.request_id,
             "trace_id": trace_id,
-            "method": ex.request.method,
-            "path": ex.request.path,
-            "model": ex.model,
-            "group": ex.group,
-            "backend": ex.backend or None,
-            "status": ex.status,
+            "method": record.method,
+            "path": record.path,
+            "model": record.model,
+            "group": record.group,
+            "backend": outcome.backend or None,
+            "status": record.status,
             "duration_ms": int(duration * 1e6) / 1000,
-            "ttfb_ms": int((ex.t_first - ex.t0) * 1e6) / 1000 if ex.t_first else None,
-            "bytes_in": ex.bytes_in,
-            "bytes_out": ex.bytes_out,
-            "input_tokens": ex.input_tokens,
-            "output_tokens": ex.output_tokens,
-            "retries": ex.retries,
-            "error": ex.error,
-            "client": conn.client_ip if conn else None,
+            "ttfb_ms": (int((outcome.t_first - record.t0) * 1e6) / 1000 if outcome.t_first
+                        else None),
+            "bytes_in": record.bytes_in,
+            "bytes_out": outcome.bytes_out,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "retries": outcome.retries,
+            "error": record.error,
+            "client": record.client_ip,
         })
         lines = self.lines
         lines.append(line)

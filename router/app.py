@@ -1,78 +1,58 @@
-"""The listener: a Sanic app whose routes come from the catalog.
+"""The listener: a Sanic app whose routes come from the catalog, and its lifecycle.
 
-Per request: take the current snapshot, read the model name, check the model exists and
-has the route's group enabled, check the body size, rewrite the model name if the backend
-serves it under another, and hand over to the relay. Everything else was done at load.
+Each proxied route gets its handler from ``router.proxy`` (the request path's phases);
+this module adds the router's own endpoints (health, readiness, ``/v1/models``, admin,
+metrics), builds each worker's pieces at start (snapshot, sinks, limiter, health checks,
+batch) and closes them at stop, and turns any error into the route's error envelope.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 
-from router.batch import BatchService, register
-from router.catalog import (
-    BY_RESPONSE_ID,
-    PROXIED,
-    ModelSource,
-    Route,
-    error_style,
-)
+from router.catalog import BY_RESPONSE_ID, PROXIED, error_style
 from router.config import load_file
-from router.dispatch import RouterDispatcher
 from router.errors import (
     ClientError,
-    EndpointNotEnabled,
     InternalError,
     MethodNotAllowed,
-    ModelNotFound,
     PayloadTooLarge,
-    ResponseNotFound,
     RouteNotFound,
     RouterError,
-    stream_error_event,
 )
-from router.health import HealthMonitor
-from router.model_field import (
-    model_from_form,
-    model_from_json,
-    rewrite_form_model,
-    rewrite_json_model,
-)
-from router.relay import forward, forward_stored, new_request_id, unsafe_head
+from router.health import HealthChecker
+from router.proxy import LimiterSink, Proxy, authenticate, new_request_id
+from router.record import Sink, Sinks
 from router.reload import ConfigHolder
-from router.response_ids import RESPONSES_CREATE, ResponseIds
 from router.settings import Settings
-from router.snapshot import Snapshot
-from router.telemetry import GEN_AI_OPERATIONS, Exchange, Observer, tracing_wanted
-from router.tenants.keys import Tenant
-from router.tenants.limits import Admission, Limiter, build_limiter, estimate_tokens
+from router.stored_responses import ResponseIds
+from router.tenants.limits import build_limiter
+from router.tracing import tracing_wanted
+
+if TYPE_CHECKING:
+    from router.metrics import Metrics
+    from router.tracing import Tracing
 
 log = logging.getLogger("routeyard")
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
-Handler = Callable[[Request], Awaitable[HTTPResponse | None]]
 
 
-class State:
-    """What the handlers share in one worker; set up at server start."""
+class Worker:
+    """What one worker process builds at server start and closes at stop."""
 
-    holder: ConfigHolder
-    health: HealthMonitor
-    #: Metrics, tracing and the access log; None when all three are off.
-    observer: Observer | None = None
-    limiter: Limiter
+    metrics: Metrics | None = None
+    tracing: Tracing | None = None
+    sinks: list[Sink]
+    checker: HealthChecker
     draining = False
-    #: Which backend holds each stored Responses API answer (this worker's view).
-    response_ids: ResponseIds
 
 
 def create_app(settings: Settings | None = None) -> Sanic:
@@ -88,49 +68,66 @@ def create_app(settings: Settings | None = None) -> Sanic:
         FALLBACK_ERROR_FORMAT="json",
         TOUCHUP=True,
     )
-    state = State()
-    state.response_ids = ResponseIds()
-    app.ctx.state = state
-    batch = _batch_service(settings.config, app, state)
+    config = load_file(settings.config)  # this process's one parse of its first load
+    holder = ConfigHolder(settings.config)
+    proxy = Proxy(holder, ResponseIds())
+    worker = Worker()
+    app.ctx.proxy = proxy
     tracing = tracing_wanted(os.environ, settings.tracing)
-    observing = settings.metrics or settings.access_log or tracing
+
+    batch = None
+    if config.batch is not None:
+        from router.batch.api import register
+        from router.batch.service import BatchService
+
+        batch = BatchService(config.batch)
+
+        def tenant_of(request: Request) -> str | None:
+            tenant = authenticate(holder.current, request)
+            return tenant.tenant_id if tenant is not None else None
+
+        register(app, batch, tenant_of)
 
     @app.before_server_start
-    async def load_config(app: Sanic) -> None:
-        if observing:
-            state.observer = _observer(settings, tracing, app)
-        metrics = state.observer.metrics if state.observer is not None else None
-        state.holder = ConfigHolder(settings.config)
+    async def start(app: Sanic) -> None:
+        _observers(worker, settings, tracing, app)
+        metrics = worker.metrics
         if metrics is not None:
-            state.holder.on_load = metrics.config_loaded
-        await state.holder.load()
-        state.health = HealthMonitor(state.holder)
+            holder.on_load = metrics.config_loaded
+        await holder.load(config)
         if metrics is not None:
-            holder = state.holder
-            metrics.start(app.loop, lambda: (holder.registry.by_key.values(),
-                                             holder.current.models.values()))
-        state.holder.install_sighup(app.loop)
+            metrics.start(app.loop, lambda: (
+                holder.registry.by_key.values(),
+                [(m.name, len(m.cluster.waiters)) for m in holder.current.models.values()]))
+        limiter = build_limiter()
+        proxy.start(limiter, Sinks([*worker.sinks, LimiterSink(limiter)], worker.tracing))
+        worker.checker = HealthChecker(holder.registry.board, holder.registry.by_key.values,
+                                       holder.health_settings)
+        holder.install_sighup(app.loop)
         if settings.watch:
-            app.add_task(state.holder.watch(), name="routeyard.watch")
-        state.limiter = build_limiter()
+            app.add_task(holder.watch(), name="routeyard.watch")
         if batch is not None:
-            await batch.start(RouterDispatcher(state.holder, state.health))
-        app.add_task(state.health.run(), name="routeyard.health")
-        app.add_task(state.holder.refresh_dns(), name="routeyard.dns")
+            from router.dispatch import RouterDispatcher
+
+            await batch.start(RouterDispatcher(proxy))
+        app.add_task(worker.checker.run(), name="routeyard.health")
+        app.add_task(holder.refresh_dns(), name="routeyard.dns")
 
     @app.before_server_stop
     async def drain(app: Sanic) -> None:
-        state.draining = True
+        worker.draining = True
 
     @app.after_server_stop
-    async def close_pools(app: Sanic) -> None:
+    async def stop(app: Sanic) -> None:
         if batch is not None:
             await batch.close(grace=settings.graceful_shutdown)
-        await state.limiter.close()
-        state.health.close()
-        state.holder.close()
-        if state.observer is not None:
-            state.observer.close()
+        await proxy.limiter.close()
+        worker.checker.close()
+        holder.close()
+        for sink in (*worker.sinks, worker.tracing):
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
 
     @app.main_process_ready
     async def forward_sighup(app: Sanic) -> None:
@@ -143,55 +140,24 @@ def create_app(settings: Settings | None = None) -> Sanic:
         signal.signal(signal.SIGHUP, _forward)
 
     for route in PROXIED:
-        handler = _proxy_handler(route, state)
+        handler = proxy.handler(route)
         for path in route.paths:
             app.add_route(handler, path, methods=[route.method], name=_name(path))
 
-    async def stored_response(request: Request, response_id: str) -> None:
-        """``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel``: no model in
-        the request, so the answer's backend comes from ``state.response_ids``."""
-        request_id = _checked_request_id(request)
-        snapshot = state.holder.current
-        tenant = _authenticate(snapshot, request)
-        if not response_id.startswith("resp"):
-            raise ClientError(f"Invalid 'response_id': '{response_id}'. Expected an ID that "
-                              "begins with 'resp'.", param="response_id")
-        models = [m for m in snapshot.models.values() if "responses" in m.groups
-                  and (tenant is None or tenant.can_use(m.name))]
-        observer = state.observer
-        ex = None if observer is None else Exchange(
-            observer, request, "responses", "retrieve_response", request_id,
-            reads_usage=False)  # its tokens were counted when the answer was made
-        ids = state.response_ids
-        admission = None
-        try:
-            if not models:
-                raise ResponseNotFound(response_id)
-            holders = ids.holders(response_id, models)
-            if tenant is not None:  # a lookup counts toward the key's request rate
-                admission = await state.limiter.admit(tenant, holders[0][0].name, 0)
-            await forward_stored(request, response_id, holders, request_id,
-                                 snapshot.config.outlier_detection, state.health.eject,
-                                 ids.found(response_id), tenant is not None, ex)
-        except BaseException as exc:
-            await _settle(state, ex, admission, exc, 0)
-            raise
-        await _settle(state, ex, admission, None, 0)
-
     for route in BY_RESPONSE_ID:
         for path in route.sanic_paths:
-            app.add_route(stored_response, path, methods=[route.method],
+            app.add_route(proxy.stored_response, path, methods=[route.method],
                           name=_name(path.replace("<", "").replace(">", "")))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> HTTPResponse:
-        snapshot = state.holder.current
-        tenant = _authenticate(snapshot, request)
+        snapshot = holder.current
+        tenant = authenticate(snapshot, request)
         return HTTPResponse(snapshot.models_body_for(tenant), content_type=JSON)
 
     def admin_only(request: Request) -> None:
         """``/admin/*`` needs an admin key once ``auth:`` is configured."""
-        auth = state.holder.current.auth
+        auth = holder.current.auth
         if auth is not None:
             headers = request.headers
             auth.authenticate_admin(headers.get("authorization"), headers.get("x-api-key"))
@@ -205,12 +171,12 @@ def create_app(settings: Settings | None = None) -> Sanic:
         """503 while draining; else by ``?models=``: ``all`` (default) needs a backend up
         for every model, ``any`` for at least one, ``none`` only a loaded config (the
         Kubernetes readiness probe: one model down must not empty the Service)."""
-        if state.draining:
+        if worker.draining:
             return HTTPResponse(b'{"status":"draining"}', 503, content_type=JSON)
         scope = request.args.get("models", "all")
         if scope not in ("all", "any", "none"):
             raise ClientError("`models` must be all, any or none.", param="models")
-        models = state.holder.current.models.values()
+        models = holder.current.models.values()
         down = [m.name for m in models if not m.cluster.any_up()]
         if (scope == "all" and down) or (scope == "any" and len(down) == len(models)):
             body = orjson.dumps({"status": "not ready", "models_without_backend": down})
@@ -220,7 +186,7 @@ def create_app(settings: Settings | None = None) -> Sanic:
     @app.get("/admin/backends")
     async def admin_backends(request: Request) -> HTTPResponse:
         admin_only(request)
-        models = state.holder.current.models
+        models = holder.current.models
         body = {
             name: {"policy": m.cluster.config.policy, "in_flight": m.cluster.in_flight,
                    "queued": len(m.cluster.waiters), "backends": m.cluster.describe()}
@@ -231,7 +197,6 @@ def create_app(settings: Settings | None = None) -> Sanic:
     @app.get("/admin/config")
     async def admin_config(request: Request) -> HTTPResponse:
         admin_only(request)
-        holder = state.holder
         body = {
             **holder.current.summary(),
             "reloads": holder.reloads,
@@ -242,152 +207,37 @@ def create_app(settings: Settings | None = None) -> Sanic:
     if settings.metrics:
         @app.get("/metrics")
         async def metrics(request: Request) -> HTTPResponse:
-            assert state.observer is not None and state.observer.metrics is not None
-            body = await state.observer.metrics.render()
+            assert worker.metrics is not None
+            body = await worker.metrics.render()
             return HTTPResponse(body, content_type=PROMETHEUS)
 
     app.error_handler.add(Exception, _error_response)
     return app
 
 
-def _observer(settings: Settings, tracing: bool, app: Sanic) -> Observer:
-    """Made in each worker at start: no thread, file or exporter exists before."""
-    from router.accesslog import AccessLog
-    from router.metrics import Metrics
-    from router.telemetry import Tracing
+def _observers(worker: Worker, settings: Settings, tracing: bool, app: Sanic) -> None:
+    """Metrics, the access log and tracing, each when on; made in each worker at start."""
+    sinks: list[Sink] = []
+    if settings.metrics:
+        from router.metrics import Metrics
 
-    access = None
+        worker.metrics = Metrics()
+        sinks.append(worker.metrics)
     if settings.access_log:
+        from router.accesslog import AccessLog
+
         access = AccessLog()
         access.start(app.loop)
-    return Observer(
-        tracing=Tracing(os.environ) if tracing else None,
-        metrics=Metrics() if settings.metrics else None,
-        access=access,
-    )
+        sinks.append(access)
+    worker.sinks = sinks
+    if tracing:
+        from router.tracing import Tracing
+
+        worker.tracing = Tracing(os.environ)
 
 
 def _name(path: str) -> str:
     return "proxy" + path.replace("/", "_").replace("-", "_")
-
-
-def _proxy_handler(route: Route, state: State) -> Handler:
-    """A handler bound to one catalog route: its group and model source are constants.
-
-    With metrics, tracing or the access log on (``state.observer``), an ``Exchange``
-    records the request, whatever way it ends; with all three off nothing of it runs."""
-    group = route.group
-    assert group is not None
-    from_form = route.model is ModelSource.FORM
-    stream_error = stream_error_event(route)
-    operation = GEN_AI_OPERATIONS.get(group, group)
-    creates_responses = route.path == RESPONSES_CREATE
-
-    async def proxy(request: Request) -> None:
-        request_id = _checked_request_id(request)
-        snapshot = state.holder.current
-        body = request.body
-        tenant = _authenticate(snapshot, request)
-        observer = state.observer
-        if observer is None and tenant is not None:
-            observer = _SILENT  # token limits need the usage an Exchange reads
-        ex = None if observer is None else Exchange(observer, request, group, operation,
-                                                    request_id)
-        admission = None
-        try:
-            if from_form:
-                data: dict[str, Any] = dict(request.form or {})
-                name = model_from_form(request.form.get("model") if request.form else None)
-            else:
-                name, data = model_from_json(body)
-            model = snapshot.models.get(name)
-            if tenant is not None and not tenant.can_use(name):
-                model = None  # do not reveal models this key may not see
-            if ex is not None:
-                ex.matched(name, model)
-            if model is None:
-                raise ModelNotFound(name)
-            if group not in model.groups:
-                raise EndpointNotEnabled(name, group, request.path, model.enabled)
-            if len(body) > model.max_body_size:
-                raise PayloadTooLarge(
-                    f"The request body is {len(body)} bytes; model `{name}` accepts at most "
-                    f"{model.max_body_size} (max_body_size in routes.yaml)."
-                )
-            if model.backend_model:
-                rewrite = rewrite_form_model if from_form else rewrite_json_model
-                body = rewrite(body, model.backend_model)
-            extra = None
-            if tenant is not None:
-                estimate = estimate_tokens(0 if from_form else len(body), data)
-                admission = await state.limiter.admit(tenant, name, estimate)
-                extra = list(admission.headers.items())
-            key = model.key_of(request.headers, data) if model.key_of else None
-            outlier = snapshot.config.outlier_detection
-            pin = None
-            if creates_responses:
-                pin = state.response_ids.pin(model.name, data)
-            await forward(request, model, body, request_id, stream_error, key, outlier,
-                          state.health.eject, ex, extra, strip_keys=tenant is not None,
-                          pin=pin)
-        except BaseException as exc:
-            await _settle(state, ex, admission, exc, None)
-            raise
-        used = None
-        if ex is not None and ex.input_tokens is not None:
-            used = ex.input_tokens + (ex.output_tokens or 0)
-        # forward has sent the response: this runs after the client has it
-        await _settle(state, ex, admission, None, used)
-
-    return proxy
-
-
-_SILENT = Observer(tracing=None, metrics=None, access=None)
-
-
-def _checked_request_id(request: Request) -> str:
-    """The request's id (the client's ``x-request-id`` or a new one), once its head is
-    known to be safe to forward: a bare CR or LF or a NUL in it is refused (Sanic splits
-    header lines on CRLF only, so such a value would become a header line of its own)."""
-    if unsafe_head(request.head):
-        raise ClientError("Header values must not contain CR, LF or NUL characters.")
-    request_id = request.ctx.request_id = (
-        request.headers.get("x-request-id") or new_request_id())
-    return request_id
-
-
-async def _settle(state: State, ex: Exchange | None, admission: Admission | None,
-                  exc: BaseException | None, used: int | None) -> None:
-    """A request ended, however it ended: its record to metrics, traces and the access
-    log, its token usage to the limiter. Shielded: the client may hang up once it has the
-    answer, which cancels the handler, and the (Redis) usage correction must still land."""
-    if ex is not None:
-        ex.finish(exc)
-    if admission is not None:
-        await asyncio.shield(state.limiter.record(admission, used))
-
-
-def _batch_service(config_path: str, app: Sanic, state: State) -> BatchService | None:
-    """The Files and Batch API, when routes.yaml has a ``batch:`` block (read at start)."""
-    config = load_file(config_path).batch
-    if config is None:
-        return None
-    service = BatchService(config)
-
-    def tenant_of(request: Request) -> str | None:
-        tenant = _authenticate(state.holder.current, request)
-        return tenant.tenant_id if tenant is not None else None
-
-    register(app, service, tenant_of)
-    return service
-
-
-def _authenticate(snapshot: Snapshot, request: Request) -> Tenant | None:
-    """The request's tenant when ``auth:`` is configured (401 without a valid key)."""
-    if snapshot.auth is None:
-        return None
-    headers = request.headers
-    return snapshot.auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
 
 
 def _error_response(request: Request, exc: Exception) -> HTTPResponse:

@@ -24,8 +24,8 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from router.cluster import Endpoint, Member
     from router.config import ModelConfig
+    from router.endpoint import Endpoint, Member
 
 #: Points per unit of weight on the hash ring.
 VNODES = 64

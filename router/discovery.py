@@ -12,12 +12,20 @@ import asyncio
 import logging
 import socket
 from collections.abc import Iterable
+from typing import Protocol
 from urllib.parse import urlsplit
 
-from router.cluster import Cluster, Endpoint, EndpointRegistry, Member
+from router.endpoint import Endpoint, EndpointRegistry, Member
 from router.config import ModelConfig
 
 log = logging.getLogger("routeyard.discovery")
+
+
+class HasMembers(Protocol):
+    """A model's cluster, as far as endpoint limits go."""
+
+    @property
+    def members(self) -> tuple[Member, ...]: ...
 
 
 class Resolver:
@@ -55,7 +63,7 @@ class Resolver:
         return members
 
 
-def apply_limits(clusters: Iterable[Cluster]) -> None:
+def apply_limits(clusters: Iterable[HasMembers]) -> None:
     """Set each endpoint's ``max_in_flight`` (the smallest any model declares for it: a
     backend listed by two models has one capacity) and its engine API key."""
     limits: dict[Endpoint, int | None] = {}

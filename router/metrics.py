@@ -25,13 +25,26 @@ from __future__ import annotations
 import asyncio
 import os
 from bisect import bisect_left
+from time import perf_counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from router.cluster import Endpoint
-    from router.snapshot import ModelEntry
-    from router.telemetry import Exchange
+    from router.record import Record
+
+#: What the metrics sample once a second: the endpoints, and (model name, queue length).
+Sources = Callable[[], "tuple[Iterable[Sampled], Iterable[tuple[str, int]]]"]
+
+
+class Sampled(Protocol):
+    """An endpoint as the metrics sample it."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def up(self) -> bool: ...
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_INTERVAL = 1.0
@@ -204,7 +217,7 @@ class Metrics:
         self._backends: dict[str, tuple[Any, Any]] = {}
         self._queues: dict[str, Any] = {}
         self._sha: str | None = None
-        self._sources: Callable[[], tuple[Iterable[Endpoint], Iterable[ModelEntry]]] | None = None
+        self._sources: Sources | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     # -- the request path: plain arithmetic ------------------------------------------------
@@ -221,29 +234,38 @@ class Metrics:
             series = self._models[name] = ModelSeries(self, name)
         return series
 
-    def record(self, ex: Exchange, end: float) -> None:
-        """One finished request."""
-        series = self._series.get((ex.label_model, ex.group, ex.backend))
+    def finish(self, record: Record) -> None:
+        """One finished request (the ``Sink`` protocol)."""
+        end = perf_counter()
+        outcome = record.outcome
+        model = record.label_model
+        series = self._series.get((model, record.group, outcome.backend))
         if series is None:
-            series = self.series(ex.label_model, ex.group, ex.backend)
+            series = self.series(model, record.group, outcome.backend)
         codes = series.codes
-        codes[ex.status] = codes.get(ex.status, 0) + 1
-        t0 = ex.t0
+        codes[record.status] = codes.get(record.status, 0) + 1
+        t0 = record.t0
         series.duration.observe(end - t0)
-        if ex.t_first:
-            series.ttfb.observe(ex.t_first - t0)
-        if ex.t_sent:
-            series.overhead.observe(ex.t_sent - t0)
-        if ex.input_tokens or ex.output_tokens:
-            model = self.model(ex.label_model)
-            if ex.input_tokens:
-                model.input_tokens += ex.input_tokens
-            if ex.output_tokens:
-                model.output_tokens += ex.output_tokens
+        if outcome.t_first:
+            series.ttfb.observe(outcome.t_first - t0)
+        if outcome.t_sent:
+            series.overhead.observe(outcome.t_sent - t0)
+        if outcome.input_tokens or outcome.output_tokens or outcome.queue_wait \
+                or outcome.queue_rejected:
+            per_model = self.model(model)
+            if outcome.input_tokens:
+                per_model.input_tokens += outcome.input_tokens
+            if outcome.output_tokens:
+                per_model.output_tokens += outcome.output_tokens
+            if outcome.queue_wait:
+                per_model.queue_wait.observe(outcome.queue_wait)
+            if outcome.queue_rejected:
+                per_model.rejected.inc()
+        for backend in outcome.retried_from:
+            self.retries.labels(model, backend).inc()
 
     # -- once a second, and before a scrape ------------------------------------------------
-    def start(self, loop: asyncio.AbstractEventLoop,
-              sources: Callable[[], tuple[Iterable[Endpoint], Iterable[ModelEntry]]]) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, sources: Sources) -> None:
         """Flush every ``FLUSH_INTERVAL``; ``sources`` gives the endpoints and models now."""
         self._sources = sources
         self._tick(loop)
@@ -260,13 +282,13 @@ class Metrics:
         if self._sources is not None:
             endpoints, models = self._sources()
             self._sample_backends(endpoints)
-            for entry in models:
-                gauge = self._queues.get(entry.name)
+            for name, queued in models:
+                gauge = self._queues.get(name)
                 if gauge is None:
-                    gauge = self._queues[entry.name] = self.queued.labels(entry.name)
-                gauge.set(len(entry.cluster.waiters))
+                    gauge = self._queues[name] = self.queued.labels(name)
+                gauge.set(queued)
 
-    def _sample_backends(self, endpoints: Iterable[Endpoint]) -> None:
+    def _sample_backends(self, endpoints: Iterable[Sampled]) -> None:
         seen = set()
         for endpoint in endpoints:
             key = endpoint.key

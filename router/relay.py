@@ -1,48 +1,46 @@
-"""Relay one request to a backend and its response back, bytes unchanged.
+"""The relay: one request to one of a model's endpoints, and its answer back, bytes unchanged.
+
+``forward`` holds an endpoint (``Cluster.lease``), sends, and retries on another endpoint
+while nothing has reached the client: a connection failure or timeout before any answer,
+or a 502/503 answer, with jittered exponential backoff up to ``retries.attempts`` times (a
+first-byte timeout is not retried: the engine may be working on it). Then it hands the
+answer to a ``Deliver`` (``send_answer`` writes it to the client; batch reads it whole)
+and reports what happened in the request's ``Outcome``.
 
 The request keeps its method, target (path and query, aliases included), end-to-end
 headers and body; the router adds ``x-request-id`` and ``x-forwarded-for`` and drops
 hop-by-hop headers; with tracing on, ``traceparent`` names the attempt's CLIENT span. The
-response keeps status, content type and end-to-end headers. A small body of known length
-is sent in one piece; anything else, SSE above all, is relayed chunk by chunk as the
-backend sends it. When the client leaves, the handler is cancelled and the backend
-connection is aborted, so the engine stops generating.
+answer keeps status, content type and end-to-end headers. A small body of known length is
+sent in one piece; anything else, SSE above all, is relayed chunk by chunk as the backend
+sends it. When the client leaves, the handler is cancelled and the backend connection is
+aborted, so the engine stops generating.
+
+A ``Placement`` (see ``router.stored_responses``) may name an endpoint to try first,
+move on from answers that are not the one wanted, and watch the answer it accepts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sanic import HTTPResponse, Request
 from sanic.helpers import has_message_body
 
-from router import upstream
-from router.cluster import FAILURE_STATUSES, Cluster, Endpoint
-from router.config import OutlierDetection
-from router.errors import QueueTimeout, ResponseNotFound, StreamError, UpstreamError
-from router.snapshot import ModelEntry
+from router.endpoint import Endpoint
+from router.errors import QueueTimeout, StreamError, UpstreamError
 
 if TYPE_CHECKING:
-    from router.telemetry import Exchange
+    from router.record import AttemptTrace, Outcome
+    from router.snapshot import ModelEntry
+    from router.upstream import Response
 
 log = logging.getLogger("routeyard.relay")
-
-_ID_PREFIX = secrets.token_hex(6)
-_ID_COUNTER = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """A unique id without a syscall per request: a random per-process prefix and a counter."""
-    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
 
 #: RFC 9110 §7.6.1 hop-by-hop headers, plus those the router sets itself.
 HOP_BY_HOP = frozenset({
@@ -59,10 +57,140 @@ TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 HOP_BY_HOP_TRACED = HOP_BY_HOP | TRACE_HEADERS
 #: Where clients put their API key; never forwarded to the engine when auth is on.
 CLIENT_KEY_HEADERS = frozenset({"authorization", "x-api-key"})
+#: Statuses that count against a backend for outlier detection (501: the API is missing).
+FAILURE_STATUSES = frozenset({500, 502, 503, 504})
 #: Backend answers that are retried on another endpoint (nothing has reached the client).
 RETRY_STATUSES = frozenset({502, 503})
 #: Bodies of known length up to this size are read whole and sent in one write.
 SMALL_BODY = 1024 * 1024
+
+T = TypeVar("T")
+#: Sees the body, or each chunk until it returns True (to learn something of the answer).
+Capture = Callable[[bytes], bool]
+#: Consumes an accepted answer (status and headers known) while its endpoint is held.
+Deliver = Callable[["Response", "Capture | None"], Awaitable[T]]
+
+
+class NotHere(Exception):
+    """Every endpoint of the model passed on the request (``Placement.passes``)."""
+
+
+class Placement(Protocol):
+    """Where a request must go, for requests about state an engine holds."""
+
+    @property
+    def prefer(self) -> str | None:
+        """The key of the endpoint to try first, when it is up and has capacity."""
+        ...
+
+    def passes(self, status: int, more: bool) -> bool:
+        """Whether an answer with ``status`` is not the one wanted, so another endpoint is
+        asked (``more``: another endpoint of this model is up); when none is left, the
+        relay raises ``NotHere``. Only answers sent before any generation may pass."""
+        ...
+
+    def answered(self, endpoint: Endpoint, status: int) -> Capture | None:
+        """The answer of ``endpoint`` is about to be delivered."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """The request as it goes to an engine, whichever endpoint gets it."""
+
+    method: str
+    target: str
+    headers: Any
+    body: bytes
+    request_id: str
+    client_ip: str = ""
+    #: The client's API key is the router's (``auth:``): never forward it.
+    strip_keys: bool = False
+
+    def head(self, endpoint: Endpoint, trace: str | None) -> bytes:
+        return build_head(self.method, self.target, self.headers, endpoint, len(self.body),
+                          self.request_id, self.client_ip, trace, self.strip_keys)
+
+
+async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
+                  deliver: Deliver[T], *, trace: AttemptTrace | None = None,
+                  key: str | None = None, placement: Placement | None = None,
+                  tried: set[Endpoint] | None = None) -> T:
+    """Send ``outbound`` to one of ``model``'s endpoints, retrying before the first
+    byte (module docstring), and return what ``deliver`` made of the answer.
+
+    ``key`` is the balancing key; ``tried`` starts the set of endpoints not to use (and
+    collects those tried)."""
+    cluster = model.cluster
+    retries = model.retries
+    if tried is None:
+        tried = set()
+    prefer = placement.prefer if placement is not None else None
+    attempt = 0
+    while True:
+        lease = cluster.lease(key, tried, prefer)
+        prefer = None
+        try:
+            async with lease as endpoint:
+                outcome.queue_wait += lease.waited
+                outcome.backend = endpoint.key
+                outcome.retries = attempt
+                outcome.attempt_status = 0
+                outcome.attempt_error = None
+                header = trace.attempt(endpoint, attempt) if trace is not None else None
+                try:
+                    head = outbound.head(endpoint, header)
+                    if not outcome.t_sent:
+                        outcome.t_sent = perf_counter()
+                    try:
+                        response = await endpoint.transport.handle(head, outbound.body,
+                                                                   model.timeouts)
+                    except UpstreamError as exc:
+                        outcome.attempt_error = exc.code or exc.type
+                        cluster.failed(endpoint, str(exc))
+                        tried.add(endpoint)
+                        if not (exc.retryable and attempt < retries.attempts
+                                and cluster.any_up(tried)):
+                            raise
+                    else:
+                        try:
+                            status = outcome.status = outcome.attempt_status = response.status
+                            if placement is not None:
+                                more = cluster.any_up(tried | {endpoint})
+                                if placement.passes(status, more):
+                                    tried.add(endpoint)
+                                    await response.read()
+                                    if more:
+                                        continue  # not this endpoint's to answer: the next, now
+                                    raise NotHere
+                            if status not in FAILURE_STATUSES:
+                                cluster.succeeded(endpoint)
+                                return await _deliver(deliver, response, endpoint, status,
+                                                      placement)
+                            cluster.failed(endpoint, f"status {status}")
+                            if not (status in RETRY_STATUSES and attempt < retries.attempts
+                                    and cluster.any_up(tried | {endpoint})):
+                                return await _deliver(deliver, response, endpoint, status,
+                                                      placement)
+                            tried.add(endpoint)
+                        finally:
+                            response.close()  # a no-op once complete; else an abort
+                finally:
+                    if trace is not None:
+                        trace.attempt_ended(outcome.attempt_status, outcome.attempt_error)
+        except QueueTimeout:
+            outcome.queue_rejected = True
+            raise
+        outcome.retried_from += (endpoint.key,)
+        attempt += 1
+        delay = min(retries.max_backoff, retries.backoff * 2 ** (attempt - 1))
+        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+
+
+def _deliver(deliver: Deliver[T], response: Response, endpoint: Endpoint, status: int,
+             placement: Placement | None) -> Awaitable[T]:
+    capture = placement.answered(endpoint, status) if placement is not None else None
+    return deliver(response, capture)
 
 
 def build_head(
@@ -110,255 +238,6 @@ def build_head(
     return "".join(parts).encode("utf-8", "surrogateescape")
 
 
-def unsafe_head(head: bytes) -> bool:
-    """Whether a client's request head holds a bare CR or LF or a NUL.
-
-    Sanic's parser splits header lines on CRLF only, so ``X-Request-Id: a\nInjected: b``
-    arrives as one value; forwarded, it would become two headers at the engine, and echoed
-    it would split the response. Four scans of the head in C, well under a microsecond."""
-    crlf = head.count(b"\r\n")
-    return head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\0" in head
-
-
-@dataclass(frozen=True, slots=True)
-class Pin:
-    """A request about a stored Responses API answer (``router.response_ids``).
-
-    ``backend``: the endpoint key that holds it, tried first when it is up; ``probe``: a
-    404 answer (vLLM's "Response with id … not found", sent before any generation) moves
-    on to the model's next backend instead of being the answer; ``found``: called with the
-    endpoint that accepted a probed request (it holds the answer asked about);
-    ``capture``: called with (endpoint, the first bytes of a 2xx answer) until it returns
-    True, to learn the id of a new answer."""
-
-    backend: str | None = None
-    probe: bool = False
-    found: Callable[[Endpoint], None] | None = None
-    capture: Callable[[Endpoint, bytes], bool] | None = None
-
-
-#: Builds the head for one attempt: (endpoint, trace header lines or None) → bytes.
-HeadBuilder = Callable[[Endpoint, "str | None"], bytes]
-
-
-async def forward(
-    request: Request,
-    model: ModelEntry,
-    body: bytes,
-    request_id: str,
-    stream_error: StreamError | None,
-    key: str | None,
-    outlier: OutlierDetection,
-    on_eject: Callable[[Endpoint], None],
-    ex: Exchange | None = None,
-    extra_headers: list[tuple[str, str]] | None = None,
-    strip_keys: bool = False,
-    pin: Pin | None = None,
-) -> None:
-    """Send the request to one of the model's endpoints and relay the answer.
-
-    ``extra_headers`` go on the response (rate-limit headers); ``strip_keys`` keeps the
-    client's API key from the engine (it is the router's key, not the engine's); ``pin``
-    places requests about stored Responses API answers."""
-    head = head_builder(request, len(body), request_id, strip_keys)
-    endpoint, response = await exchange(model, head, body, key, outlier, on_eject, ex, pin)
-    capture = None
-    if pin is not None and 200 <= response.status < 300:
-        if pin.found is not None:
-            pin.found(endpoint)
-        if pin.capture is not None:
-            capture = partial(pin.capture, endpoint)
-    try:
-        await relay(request, response, request_id, stream_error, ex, extra_headers, capture)
-    finally:
-        _release(model, endpoint, response, ex)
-
-
-def _release(model: ModelEntry, endpoint: Endpoint, response: upstream.Response,
-             ex: Exchange | None) -> None:
-    """The end of an attempt that got an answer, however it ended: the response closed
-    (a no-op once complete; else the connection is aborted, so the engine stops
-    generating), the endpoint released, the attempt's CLIENT span ended."""
-    response.close()
-    model.cluster.release(endpoint)
-    if ex is not None and ex.client_span is not None:
-        ex.end_attempt()
-
-
-def head_builder(request: Request, length: int, request_id: str,
-                 strip_keys: bool) -> HeadBuilder:
-    """The request's head for whichever endpoint an attempt picks (``build_head``)."""
-    method, target = request.method, request.raw_url.decode("latin-1")
-    headers = request.headers
-    client_ip = request.conn_info.client_ip if request.conn_info else ""
-
-    def head(endpoint: Endpoint, trace: str | None) -> bytes:
-        return build_head(method, target, headers, endpoint, length, request_id, client_ip,
-                          trace, strip_keys)
-
-    return head
-
-
-async def forward_stored(
-    request: Request,
-    response_id: str,
-    holders: list[tuple[ModelEntry, str | None]],
-    request_id: str,
-    outlier: OutlierDetection,
-    on_eject: Callable[[Endpoint], None],
-    found: Callable[[ModelEntry, Endpoint], None],
-    strip_keys: bool = False,
-    ex: Exchange | None = None,
-) -> None:
-    """A request about a stored Responses API answer (``GET``/``cancel`` by id), which
-    names no model: ask the backends of each (model, backend known to hold it) in turn,
-    each backend once, and relay the first answer that is not a 404 (``found`` learns
-    where it was), or the last 404. A model whose backends cannot answer now (none up,
-    queue full, connection failures) is passed over while another model is left."""
-    body = request.body
-    head = head_builder(request, len(body), request_id, strip_keys)
-    asked: set[Endpoint] = set()
-    for n, (model, backend) in enumerate(holders, 1):
-        last = n == len(holders)
-        if asked.issuperset(model.cluster.endpoints):
-            if last:
-                raise ResponseNotFound(response_id)
-            continue  # its backends (shared with a model asked before) said 404 already
-        if ex is not None:
-            ex.matched(model.name, model)
-        try:
-            endpoint, response = await exchange(model, head, body, None, outlier, on_eject,
-                                                ex, Pin(backend, probe=True), asked)
-        except (UpstreamError, QueueTimeout):
-            if not last:
-                continue
-            raise
-        try:
-            if response.status == 404 and not last:
-                asked.add(endpoint)
-                await response.read()
-                continue
-            if response.status < 500 and response.status != 404:
-                found(model, endpoint)
-            await relay(request, response, request_id, None, ex)
-            return
-        finally:
-            _release(model, endpoint, response, ex)
-
-
-async def exchange(
-    model: ModelEntry,
-    head: HeadBuilder,
-    body: bytes,
-    key: str | None,
-    outlier: OutlierDetection,
-    on_eject: Callable[[Endpoint], None],
-    ex: Exchange | None = None,
-    pin: Pin | None = None,
-    tried: set[Endpoint] | None = None,
-) -> tuple[Endpoint, upstream.Response]:
-    """Pick an endpoint, send, and return it with the response's status and headers.
-
-    The endpoint stays acquired: the caller must ``model.cluster.release`` it once the
-    response is consumed. A failure before any byte went to the client (connect error or
-    timeout, connection reset, a 502/503 answer) is retried on another endpoint that is
-    up, with jittered exponential backoff, up to ``retries.attempts`` times. A first-byte
-    timeout is not retried (the engine may be working on it; waiting that long twice helps
-    nobody). ``ex``, when metrics, tracing or the access log are on, records what
-    happened. ``pin`` (see ``Pin``) tries one backend first and may probe on 404;
-    ``tried`` starts the set of endpoints not to use (and collects those tried)."""
-    cluster = model.cluster
-    retries = model.retries
-    if tried is None:
-        tried = set()
-    attempt = 0
-    first = pin.backend if pin is not None else None
-    probe = pin is not None and pin.probe
-    while True:
-        endpoint = cluster.try_acquire_member(first) if first is not None else None
-        first = None
-        if endpoint is None:
-            endpoint = cluster.try_acquire(key, tried) or await _queue(cluster, key, tried, ex)
-        trace = ex.chosen(endpoint, attempt) if ex is not None else None
-        done = False
-        try:
-            request_head = head(endpoint, trace)
-            if ex is not None and not ex.t_sent:
-                ex.t_sent = perf_counter()
-            try:
-                response = await upstream.request(
-                    endpoint.pool,
-                    request_head,
-                    body,
-                    connect_timeout=model.connect_timeout,
-                    first_byte_timeout=model.first_byte_timeout,
-                    idle_timeout=model.idle_timeout,
-                )
-            except UpstreamError as exc:
-                if ex is not None:
-                    ex.attempt_failed(exc.code or exc.type)
-                if endpoint.record_failure(str(exc), outlier):
-                    on_eject(endpoint)
-                tried.add(endpoint)
-                if not (exc.retryable and attempt < retries.attempts and cluster.any_up(tried)):
-                    raise
-            else:
-                status = response.status
-                if ex is not None:
-                    ex.status = ex.attempt_status = status
-                if status == 404 and probe and cluster.any_up(tried | {endpoint}):
-                    # Not this backend's answer: ask the next one, at once.
-                    tried.add(endpoint)
-                    try:
-                        await response.read()
-                    finally:
-                        response.close()
-                    continue
-                if status not in FAILURE_STATUSES:
-                    endpoint.record_success()
-                    done = True
-                    return endpoint, response
-                if endpoint.record_failure(f"status {status}", outlier):
-                    on_eject(endpoint)
-                if not (status in RETRY_STATUSES and attempt < retries.attempts
-                        and cluster.any_up(tried | {endpoint})):
-                    done = True
-                    return endpoint, response
-                response.close()
-                tried.add(endpoint)
-        finally:
-            if not done:
-                cluster.release(endpoint)
-                if ex is not None and ex.client_span is not None:
-                    ex.end_attempt()
-        if ex is not None:
-            ex.retrying()
-        attempt += 1
-        delay = min(retries.max_backoff, retries.backoff * 2 ** (attempt - 1))
-        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-
-
-async def _queue(
-    cluster: Cluster, key: str | None, tried: set[Endpoint], ex: Exchange | None
-) -> Endpoint:
-    """The slow path of acquiring an endpoint: wait in the model's queue (or fail)."""
-    if ex is None:
-        return await cluster.acquire(key, tried)
-    series = ex.model_series()
-    start = perf_counter()
-    try:
-        endpoint = await cluster.acquire(key, tried)
-    except QueueTimeout:
-        if series is not None:
-            series.rejected.inc()
-        raise
-    waited = perf_counter() - start
-    ex.queue_wait += waited
-    if series is not None:
-        series.queue_wait.observe(waited)
-    return endpoint
-
-
 class RelayedResponse(HTTPResponse):
     """A backend's answer on its way out: its end-to-end headers go as the bytes it sent.
 
@@ -382,15 +261,14 @@ class RelayedResponse(HTTPResponse):
             yield name.encode("ascii"), str(value).encode("ascii")
 
 
-async def relay(
-    request: Request, response: upstream.Response, request_id: str,
-    stream_error: StreamError | None,
-    ex: Exchange | None, extra_headers: list[tuple[str, str]] | None = None,
-    capture: Callable[[bytes], bool] | None = None,
-) -> None:
+async def send_answer(request: Request, response: Response, outcome: Outcome,
+                      request_id: str, stream_error: StreamError | None,
+                      extra_headers: list[tuple[str, str]] | None = None,
+                      capture: Capture | None = None) -> None:
     """Send ``response`` (status, headers, body) to the client: in one write when small
-    and complete, else chunk by chunk. ``capture`` sees the body, or each chunk until it
-    returns True. The caller closes ``response`` (``_release``)."""
+    and complete, else chunk by chunk, counting it in ``outcome``. If the engine's stream
+    breaks off after the head went out, an SSE stream ends with ``stream_error``'s event,
+    anything else is cut (the client sees a truncated body, not a clean end)."""
     content_type = b""
     length = -1
     headers: list[tuple[bytes, bytes]] = []
@@ -419,8 +297,7 @@ async def relay(
     is_sse = content_type.startswith(b"text/event-stream")
     if response.complete or (0 <= length <= SMALL_BODY and not is_sse):
         body = await response.read()
-        if ex is not None:
-            ex.body(body, content_type.decode("latin-1"))
+        outcome.body(body, content_type.decode("latin-1"))
         if capture is not None:
             capture(body)
         relayed = RelayedResponse(body, status, headers)
@@ -434,26 +311,20 @@ async def relay(
     stream = await request.respond(relayed)
     assert stream is not None
     try:
-        if ex is None and capture is None:
-            async for chunk in response.iter_chunks():
-                await stream.send(chunk)
-        else:
-            async for chunk in response.iter_chunks():
-                if ex is not None:
-                    ex.chunk(chunk)
-                if capture is not None and capture(chunk):
-                    capture = None
-                await stream.send(chunk)
+        async for chunk in response.iter_chunks():
+            outcome.chunk(chunk)
+            if capture is not None and capture(chunk):
+                capture = None
+            await stream.send(chunk)
     except UpstreamError as exc:
         # Headers are gone already: the status cannot change any more.
         log.warning("backend stream broke off (request %s): %s", request_id, exc)
-        if ex is not None:
-            ex.error = ex.attempt_error = exc.code or exc.type
+        outcome.error = outcome.attempt_error = exc.code or exc.type
         if is_sse and stream_error is not None and length < 0:
             await stream.send(stream_error(exc, request_id))
             await stream.eof()
         else:
-            request.transport.close()  # the client sees a truncated body, not a clean end
+            request.transport.close()
         return None
     await stream.eof()
     return None

@@ -16,10 +16,12 @@ from typing import Any
 
 import orjson
 
-from router.cluster import Cluster, EndpointRegistry
+from router.cluster import Cluster
 from router.config import ModelConfig, Retries, RoutesConfig
 from router.discovery import Resolver, apply_limits
+from router.endpoint import EndpointRegistry
 from router.tenants.keys import Authenticator, Tenant
+from router.upstream import Timeouts
 
 #: Reads the balancing key (session id or prompt prefix) from headers and parsed body.
 KeyFunction = Callable[[Any, dict[str, Any]], str | None]
@@ -34,9 +36,7 @@ class ModelEntry:
     cluster: Cluster
     key_of: KeyFunction | None
     retries: Retries
-    connect_timeout: float
-    first_byte_timeout: float
-    idle_timeout: float
+    timeouts: Timeouts
     max_body_size: int
 
 
@@ -87,9 +87,9 @@ class Snapshot:
                     "backend_model": m.backend_model,
                     "policy": self.config.models[name].policy,
                     "timeouts": {
-                        "connect": m.connect_timeout,
-                        "first_byte": m.first_byte_timeout,
-                        "idle": m.idle_timeout,
+                        "connect": m.timeouts.connect,
+                        "first_byte": m.timeouts.first_byte,
+                        "idle": m.timeouts.idle,
                     },
                     "max_body_size": m.max_body_size,
                 }
@@ -103,7 +103,8 @@ async def build(config: RoutesConfig, registry: EndpointRegistry, resolver: Reso
     loaded_at = time.time()
     models = {}
     for name, model in config.models.items():
-        cluster = Cluster(model, await resolver.members(model, registry))
+        members = await resolver.members(model, registry)
+        cluster = Cluster(model, members, config.outlier_detection)
         models[name] = _entry(model, cluster)
     apply_limits(m.cluster for m in models.values())
     auth = Authenticator(config.auth) if config.auth is not None else None
@@ -130,9 +131,7 @@ def _entry(m: ModelConfig, cluster: Cluster) -> ModelEntry:
         cluster=cluster,
         key_of=_key_function(m),
         retries=m.retries,
-        connect_timeout=m.timeouts.connect,
-        first_byte_timeout=m.timeouts.first_byte,
-        idle_timeout=m.timeouts.idle,
+        timeouts=Timeouts(m.timeouts.connect, m.timeouts.first_byte, m.timeouts.idle),
         max_body_size=m.max_body_size,
     )
 

@@ -1,0 +1,101 @@
+"""An endpoint: one backend address with its transport, its in-flight count and health.
+
+Endpoints live in an ``EndpointRegistry`` keyed by address, so config reloads and DNS
+refreshes keep the connections, in-flight counts and health of backends that stay.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from router.health import Health, HealthBoard
+from router.upstream import Origin, Pool, Transport
+
+
+class SlotWaiter(Protocol):
+    """Something that waits for a free slot at an endpoint (a cluster's queue)."""
+
+    def wake_one(self) -> None: ...
+
+
+class Endpoint:
+    """One backend address: transport, in-flight count, health."""
+
+    __slots__ = ("api_key_header", "clusters", "health", "in_flight", "key", "max_in_flight",
+                 "origin", "transport", "url")
+
+    def __init__(self, key: str, url: str, origin: Origin, transport: Transport,
+                 board: HealthBoard) -> None:
+        self.key = key
+        self.url = url
+        self.origin = origin
+        self.transport = transport
+        self.health = Health(key, board)
+        self.in_flight = 0
+        self.max_in_flight: int | None = None
+        #: ``authorization: Bearer <engine key>\r\n`` when the engine runs with --api-key.
+        self.api_key_header: str | None = None
+        #: The clusters this endpoint is a member of, this snapshot's and those of older
+        #: snapshots that requests in flight still hold: a slot freed here wakes them all.
+        self.clusters: weakref.WeakSet[SlotWaiter] = weakref.WeakSet()
+
+    @property
+    def up(self) -> bool:
+        """Healthy and not ejected: may get traffic (capacity permitting)."""
+        return self.health.up
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.max_in_flight is None or self.in_flight < self.max_in_flight
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "address": f"{self.origin.host}:{self.origin.port}",
+            **self.health.describe(),
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """An endpoint as one model sees it: with that model's weight and limit for it."""
+
+    endpoint: Endpoint
+    weight: int
+    max_in_flight: int | None = None
+    api_key: str | None = None
+
+
+class EndpointRegistry:
+    """Every endpoint this worker knows, shared by successive snapshots and DNS refreshes."""
+
+    def __init__(self, transports: Callable[[Origin], Transport] = Pool,
+                 board: HealthBoard | None = None) -> None:
+        self.by_key: dict[str, Endpoint] = {}
+        self.transports = transports
+        self.board = board or HealthBoard()
+
+    def get(self, url: str, address: str | None = None) -> Endpoint:
+        """The endpoint for ``url``, or for one resolved ``address`` of its host name."""
+        key = url if address is None else f"{url}@{address}"
+        endpoint = self.by_key.get(key)
+        if endpoint is None:
+            origin = Origin.from_url(url, address)
+            endpoint = self.by_key[key] = Endpoint(key, url, origin, self.transports(origin),
+                                                   self.board)
+        return endpoint
+
+    def retain(self, keys: set[str]) -> None:
+        """Forget endpoints no longer used; their idle connections close now and their
+        in-flight requests finish on the connections they hold."""
+        for key in list(self.by_key):
+            if key not in keys:
+                self.by_key.pop(key).transport.close()
+
+    def close(self) -> None:
+        self.retain(set())

@@ -1,0 +1,282 @@
+"""The phases of a proxied request, in the order they run.
+
+1. **check the head** (``check_head``): a head that could smuggle a header line is
+   refused; the request gets its id.
+2. **admit** (``admit``): the model exists and this key may see it, the route's group is
+   in its allowlist, the body fits, the tenant's limits have room; the body gets the
+   backend's model name; the balancing key and any placement are worked out.
+3. **relay** (``router.relay.forward``): an endpoint is picked and held, the request sent
+   and retried before the first byte, the answer relayed.
+4. **settle** (``Sinks.settle``): the request's ``Record`` goes to metrics, traces, the
+   access log and the limiter, however the request ended.
+
+``Proxy.handler`` binds the phases to one catalog route for the listener; batch lines run
+the same ``admit`` and ``forward`` through ``router.dispatch``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Protocol
+
+from router.catalog import ModelSource, Route
+from router.errors import (
+    ClientError,
+    EndpointNotEnabled,
+    ModelNotFound,
+    PayloadTooLarge,
+    ResponseNotFound,
+    stream_error_event,
+)
+from router.model_field import (
+    model_from_form,
+    model_from_json,
+    rewrite_form_model,
+    rewrite_json_model,
+)
+from router.record import GEN_AI_OPERATIONS, Record, Sinks
+from router.relay import Capture, Outbound, Placement, forward, send_answer
+from router.stored_responses import RESPONSES_CREATE, ResponseIds, forward_stored
+from router.tenants.limits import estimate_tokens
+
+if TYPE_CHECKING:
+    from sanic import Request
+
+    from router.reload import ConfigHolder
+    from router.snapshot import ModelEntry, Snapshot
+    from router.tenants.keys import Tenant
+    from router.tenants.limits import Limiter
+    from router.upstream import Response
+
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A unique id without a syscall per request: a random per-process prefix and a counter."""
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+
+
+# -- 1. check the head ---------------------------------------------------------------------
+def unsafe_head(head: bytes) -> bool:
+    """Whether a client's request head holds a bare CR or LF or a NUL.
+
+    Sanic's parser splits header lines on CRLF only, so ``X-Request-Id: a\\nInjected: b``
+    arrives as one value; forwarded, it would become two headers at the engine, and echoed
+    it would split the response. Four scans of the head in C, well under a microsecond."""
+    crlf = head.count(b"\r\n")
+    return head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\0" in head
+
+
+def check_head(request: Request) -> str:
+    """The request's id (the client's ``x-request-id`` or a new one), once its head is
+    known to be safe to forward."""
+    if unsafe_head(request.head):
+        raise ClientError("Header values must not contain CR, LF or NUL characters.")
+    request_id: str = request.headers.get("x-request-id") or new_request_id()
+    request.ctx.request_id = request_id
+    return request_id
+
+
+def authenticate(snapshot: Snapshot, request: Request) -> Tenant | None:
+    """The request's tenant when ``auth:`` is configured (401 without a valid key)."""
+    if snapshot.auth is None:
+        return None
+    headers = request.headers
+    return snapshot.auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
+
+
+# -- 2. admit ------------------------------------------------------------------------------
+class Principal(Protocol):
+    """Who is asking, as far as model access goes (a key's ``Tenant``, or a batch's)."""
+
+    def can_use(self, model: str) -> bool: ...
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A request that may go to ``model``'s endpoints, as it will be sent."""
+
+    model: ModelEntry
+    body: bytes
+    #: The balancing key (session, prompt prefix), for the policies that use one.
+    key: str | None
+    placement: Placement | None
+    #: Headers for the answer (the rate-limit headers of the key).
+    headers: list[tuple[str, str]] | None
+
+
+async def admit(
+    snapshot: Snapshot, group: str, path: str, name: str, data: dict[str, Any], body: bytes,
+    record: Record, *, principal: Principal | None, limited: Tenant | None,
+    limiter: Limiter, headers: Mapping[str, str], form: bool = False,
+    placement: Callable[[ModelEntry, dict[str, Any]], Placement] | None = None,
+) -> Admitted:
+    """Admit a request for model ``name`` on ``group`` (``data``: its parsed body).
+
+    ``principal`` limits the models it may see (an unknown and a hidden model both get
+    404); ``limited`` is the key whose rate limits it is charged to."""
+    model = snapshot.models.get(name)
+    if principal is not None and not principal.can_use(name):
+        model = None  # do not reveal models this key may not see
+    record.model = name
+    if model is None:
+        raise ModelNotFound(name)
+    record.label_model = model.name
+    record.backend_model = model.backend_model
+    if group not in model.groups:
+        raise EndpointNotEnabled(name, group, path, model.enabled)
+    if len(body) > model.max_body_size:
+        raise PayloadTooLarge(
+            f"The request body is {len(body)} bytes; model `{name}` accepts at most "
+            f"{model.max_body_size} (max_body_size in routes.yaml)."
+        )
+    if model.backend_model:
+        rewrite = rewrite_form_model if form else rewrite_json_model
+        body = rewrite(body, model.backend_model)
+    answer_headers = None
+    if limited is not None:
+        estimate = estimate_tokens(0 if form else len(body), data)
+        admission = record.admission = await limiter.admit(limited, name, estimate)
+        answer_headers = list(admission.headers.items())
+    key = model.key_of(headers, data) if model.key_of else None
+    placed = placement(model, data) if placement is not None else None
+    return Admitted(model, body, key, placed, answer_headers)
+
+
+# -- the handlers ------------------------------------------------------------------------------
+Handler = Callable[["Request"], Awaitable[None]]
+
+
+class Proxy:
+    """The request path of one worker: its config, limiter, sinks and stored-answer map."""
+
+    limiter: Limiter
+    sinks: Sinks
+    #: Batch lines' records: the limiter only, for now.
+    batch_sinks: Sinks
+    tracing = False
+
+    def __init__(self, holder: ConfigHolder, stored: ResponseIds) -> None:
+        self.holder = holder
+        self.stored = stored
+
+    def start(self, limiter: Limiter, sinks: Sinks) -> None:
+        """At server start, in the worker: the limiter and the sinks."""
+        self.limiter = limiter
+        self.sinks = sinks
+        self.batch_sinks = Sinks([LimiterSink(limiter)])
+        self.tracing = sinks.tracer is not None
+
+    def _record(self, request: Request, group: str, operation: str, request_id: str,
+                reads_usage: bool = True) -> Record:
+        conn = request.conn_info
+        # Sanic stamps the end of the request head; the body was read after it.
+        t0 = getattr(request.stream, "perft0", 0.0) or perf_counter()
+        return self.sinks.opened(Record(
+            method=request.method, path=request.path, headers=request.headers, group=group,
+            operation=operation, request_id=request_id, t0=t0, bytes_in=len(request.body),
+            client_ip=conn.client_ip if conn is not None else None,
+            scheme=request.scheme if self.tracing else "http", reads_usage=reads_usage))
+
+    def handler(self, route: Route) -> Handler:
+        """The handler of one catalog route: its group and model source are constants."""
+        group = route.group
+        assert group is not None
+        from_form = route.model is ModelSource.FORM
+        stream_error = stream_error_event(route)
+        operation = GEN_AI_OPERATIONS.get(group, group)
+        placement = self.stored.placement if route.path == RESPONSES_CREATE else None
+
+        async def proxy(request: Request) -> None:
+            request_id = check_head(request)
+            snapshot = self.holder.current
+            body = request.body
+            tenant = authenticate(snapshot, request)
+            record = self._record(request, group, operation, request_id)
+            try:
+                if from_form:
+                    data: dict[str, Any] = dict(request.form or {})
+                    name = model_from_form(request.form.get("model") if request.form else None)
+                else:
+                    name, data = model_from_json(body)
+                admitted = await admit(
+                    snapshot, group, request.path, name, data, body, record, principal=tenant,
+                    limited=tenant, limiter=self.limiter, headers=request.headers,
+                    form=from_form, placement=placement)
+                outbound = Outbound(request.method, request.raw_url.decode("latin-1"),
+                                    request.headers, admitted.body, request_id,
+                                    record.client_ip or "", strip_keys=tenant is not None)
+                outcome = record.outcome
+
+                def deliver(response: Response, capture: Capture | None) -> Awaitable[None]:
+                    return send_answer(request, response, outcome, request_id, stream_error,
+                                       admitted.headers, capture)
+
+                await forward(admitted.model, outbound, outcome, deliver, trace=record.trace,
+                              key=admitted.key, placement=admitted.placement)
+            except BaseException as exc:
+                await self.sinks.settle(record, exc)
+                raise
+            # the answer went out inside forward: this runs after the client has it
+            await self.sinks.settle(record, None)
+
+        return proxy
+
+    async def stored_response(self, request: Request, response_id: str) -> None:
+        """``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel``: no model in
+        the request, so the answer's backend comes from the stored-answer map."""
+        request_id = check_head(request)
+        snapshot = self.holder.current
+        tenant = authenticate(snapshot, request)
+        if not response_id.startswith("resp"):
+            raise ClientError(f"Invalid 'response_id': '{response_id}'. Expected an ID that "
+                              "begins with 'resp'.", param="response_id")
+        models = [m for m in snapshot.models.values() if "responses" in m.groups
+                  and (tenant is None or tenant.can_use(m.name))]
+        # its tokens were counted when the answer was made
+        record = self._record(request, "responses", "retrieve_response", request_id,
+                              reads_usage=False)
+        try:
+            if not models:
+                raise ResponseNotFound(response_id)
+            holders = self.stored.holders(response_id, models)
+            if tenant is not None:  # a lookup counts toward the key's request rate
+                record.admission = await self.limiter.admit(tenant, holders[0][0].name, 0)
+            outbound = Outbound(request.method, request.raw_url.decode("latin-1"),
+                                request.headers, request.body, request_id,
+                                record.client_ip or "", strip_keys=tenant is not None)
+            outcome = record.outcome
+
+            def deliver(response: Response, capture: Capture | None) -> Awaitable[None]:
+                return send_answer(request, response, outcome, request_id, None)
+
+            def matched(model: ModelEntry) -> None:
+                record.model = record.label_model = model.name
+                record.backend_model = model.backend_model
+
+            await forward_stored(response_id, holders, self.stored, outbound, outcome,
+                                 deliver, matched, trace=record.trace)
+        except BaseException as exc:
+            await self.sinks.settle(record, exc)
+            raise
+        await self.sinks.settle(record, None)
+
+
+class LimiterSink:
+    """The tenant limiter as a sink: the estimate charged at admission is replaced by
+    the usage the answer reported (kept when the request failed)."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    def finish(self, record: Record) -> Awaitable[None] | None:
+        if record.admission is None:
+            return None
+        outcome = record.outcome
+        used = None if record.failed else outcome.tokens if outcome.reads_usage else 0
+        return self.limiter.record(record.admission, used)
