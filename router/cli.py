@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return check_command(args.file)
     if args.command == "fake-engine":
-        from router.fake_engine import run
+        from router.fake_engine.app import run
 
         run(args.model, args.task, args.host, args.port, latency_ms=args.latency_ms,
             token_delay_ms=args.token_delay_ms, tokens=args.tokens)
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def batch_worker(config_path: str) -> int:
     """A process that only runs batches, through its own routing core (same routes file:
     allowlists, balancing, health and retries), until SIGTERM."""
-    from router.batch import run_worker
+    from router.batch.worker import run_worker
     from router.dispatch import RouterDispatcher
     from router.health import HealthMonitor
     from router.reload import ConfigHolder
@@ -133,7 +133,7 @@ async def batch_worker(config_path: str) -> int:
 
 
 def compat_command(args: argparse.Namespace) -> int:
-    from router.compat import parse_header, run
+    from router.compat.runner import parse_header, run
 
     try:
         engine_headers = dict(parse_header(h) for h in args.engine_header)
@@ -205,9 +205,10 @@ def _warn_unshared_limits(config: RoutesConfig, workers: int) -> None:
     """Rate limits without Redis are kept in each worker: say so where operators look."""
     if workers <= 1 or os.environ.get("ROUTEYARD_REDIS_URL") or config.auth is None:
         return
+    # model_limits is resolved into (pattern, Limits) pairs, not a dict.
     limited = [k.id for k in config.auth.keys
-               if k.limits.rpm or k.limits.tpm or any(v.rpm or v.tpm
-                                                      for v in k.model_limits.values())]
+               if k.limits.rpm or k.limits.tpm or any(lim.rpm or lim.tpm
+                                                      for _pattern, lim in k.model_limits)]
     if limited:
         logging.getLogger("routeyard").warning(
             "rate limits of %d key(s) (%s) are kept per worker: with %d workers a key may "

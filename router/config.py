@@ -356,7 +356,8 @@ def _plain(node: Any) -> Any:
 
 def _position(tree: Any, loc: tuple[int | str, ...]) -> tuple[int | None, int | None]:
     """Line and column (1-based) of the deepest node on ``loc`` that exists in the YAML."""
-    line = col = None
+    line: int | None = None
+    col: int | None = None
     node = tree
     for part in loc:
         if isinstance(node, CommentedMap) and part in node:
@@ -367,4 +368,6 @@ def _position(tree: Any, loc: tuple[int | str, ...]) -> tuple[int | None, int | 
             node = node[part]
         else:
             break
-    return (line + 1, col + 1) if line is not None else (1, 1)
+    if line is None or col is None:
+        return (1, 1)
+    return (line + 1, col + 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from router.catalog import BY_RESPONSE_ID, PROXIED, ROUTES, ModelSource, Route, StreamFormat
 from router.compat.report import read_facts
@@ -49,7 +50,7 @@ def _tests_naming(path: str) -> list[str]:
 _COMPAT_PATHS = frozenset(p.path for task in TASKS for p in suite(task))
 
 
-def _compat_reports() -> list[tuple[str, dict]]:
+def _compat_reports() -> list[tuple[str, dict[str, Any]]]:
     """(file name, facts) of every committed compat report, by file name."""
     reports = []
     for path in sorted(COMPAT_DIR.glob("*.md")):
@@ -59,7 +60,7 @@ def _compat_reports() -> list[tuple[str, dict]]:
     return reports
 
 
-def _verified(route: Route, reports: list[tuple[str, dict]]) -> str:
+def _verified(route: Route, reports: list[tuple[str, dict[str, Any]]]) -> str:
     """Which real-vLLM compat runs sent every path of ``route``, and whether all passed."""
     cells = []
     for name, facts in reports:
@@ -76,7 +77,7 @@ def _verified(route: Route, reports: list[tuple[str, dict]]) -> str:
     return "<br>".join(dict.fromkeys(cells)) or "—"
 
 
-def _row(route: Route, reports: list[tuple[str, dict]]) -> str:
+def _row(route: Route, reports: list[tuple[str, dict[str, Any]]]) -> str:
     paths = "<br>".join(f"`{p}`" for p in route.paths)
     if route.proxied:
         allowlist = ["tests/integration/test_allowlist.py"] if route in PROXIED else []

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from sanic import HTTPResponse, Request, Sanic
+from sanic import DefaultSanic, HTTPResponse, Request
 
 from router.batch.errors import FileNotFound
 from router.batch.objects import ObjectMissing
@@ -45,7 +45,7 @@ def _error(exc: RouterError) -> HTTPResponse:
     return HTTPResponse(exc.body(), exc.status, exc.headers, content_type=JSON)
 
 
-def register(app: Sanic, service: BatchService, tenant_of: TenantOf = _no_tenant, *,
+def register(app: DefaultSanic, service: BatchService, tenant_of: TenantOf = _no_tenant, *,
              prefix: str = "/v1") -> None:
     """Add the Files and Batch routes to ``app``; call before the server starts."""
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Row, delete, event, insert, or_, select, text, update
+from sqlalchemy import delete, event, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from router.batch.config import BatchConfig
 from router.batch.errors import Conflict, LeaseLost
-from router.batch.schema import batches, files, results
+from router.batch.schema import AnyRow, batches, files, results
 
 #: Statuses a worker still has to act on.
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
@@ -120,14 +120,14 @@ class MetaStore:
         async with self.engine.begin() as conn:
             await conn.execute(insert(files).values(**values))
 
-    async def get_file(self, tenant: str, file_id: str, now: int) -> Row | None:
+    async def get_file(self, tenant: str, file_id: str, now: int) -> AnyRow | None:
         query = select(files).where(files.c.id == file_id, files.c.tenant == tenant,
                                     or_(files.c.expires_at.is_(None), files.c.expires_at > now))
         async with self.engine.begin() as conn:
             return (await conn.execute(query)).first()
 
     async def list_files(self, tenant: str, purpose: str | None, limit: int, descending: bool,
-                         after: str | None, now: int) -> tuple[list[Row], bool] | None:
+                         after: str | None, now: int) -> tuple[list[AnyRow], bool] | None:
         """A page and whether more follow; None when ``after`` names no file of the tenant."""
         async with self.engine.begin() as conn:
             after_seq = await self._seq_of(conn, files, tenant, after)
@@ -140,7 +140,7 @@ class MetaStore:
             rows = list((await conn.execute(query.limit(limit + 1))).all())
         return rows[:limit], len(rows) > limit
 
-    async def delete_file(self, tenant: str, file_id: str) -> Row | None:
+    async def delete_file(self, tenant: str, file_id: str) -> AnyRow | None:
         """Delete the row (the caller deletes the object); refuse while a batch reads it."""
         async with self.engine.begin() as conn:
             row = (await conn.execute(select(files).where(
@@ -172,7 +172,7 @@ class MetaStore:
         async with self.engine.begin() as conn:
             await conn.execute(insert(batches).values(**values))
 
-    async def get_batch(self, batch_id: str, tenant: str | None = None) -> Row | None:
+    async def get_batch(self, batch_id: str, tenant: str | None = None) -> AnyRow | None:
         query = select(batches).where(batches.c.id == batch_id)
         if tenant is not None:
             query = query.where(batches.c.tenant == tenant)
@@ -180,7 +180,7 @@ class MetaStore:
             return (await conn.execute(query)).first()
 
     async def list_batches(self, tenant: str, limit: int,
-                           after: str | None) -> tuple[list[Row], bool] | None:
+                           after: str | None) -> tuple[list[AnyRow], bool] | None:
         async with self.engine.begin() as conn:
             after_seq = await self._seq_of(conn, batches, tenant, after)
             if after is not None and after_seq is None:
@@ -202,12 +202,13 @@ class MetaStore:
     async def _seq_of(conn: Any, table: Any, tenant: str, object_id: str | None) -> int | None:
         if object_id is None:
             return None
-        return (await conn.execute(select(table.c.seq).where(
+        seq: int | None = (await conn.execute(select(table.c.seq).where(
             table.c.id == object_id, table.c.tenant == tenant))).scalar()
+        return seq
 
     # batches (worker side) -----------------------------------------------------------
 
-    async def claim(self, owner: str, now: float, lease: float) -> Row | None:
+    async def claim(self, owner: str, now: float, lease: float) -> AnyRow | None:
         """Take the oldest active batch whose lease is free or lapsed; bumps its epoch."""
         free = or_(batches.c.lease_until.is_(None), batches.c.lease_until < now)
         pick = (select(batches.c.id).where(batches.c.status.in_(ACTIVE), free)
@@ -228,8 +229,9 @@ class MetaStore:
                 batches.c.id == batch_id, batches.c.lease_epoch == epoch).values(lease_until=until))
             if done.rowcount != 1:
                 raise LeaseLost(batch_id)
-            return (await conn.execute(select(batches.c.status).where(
+            status: str = (await conn.execute(select(batches.c.status).where(
                 batches.c.id == batch_id))).scalar_one()
+            return status
 
     async def release(self, batch_id: str, epoch: int) -> None:
         async with self.engine.begin() as conn:

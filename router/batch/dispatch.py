@@ -6,12 +6,12 @@ online traffic); tests pass one that forwards to fake engines over HTTP.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
 class Dispatcher(Protocol):
-    def check(self, tenant: str | None, url: str, body: dict) -> str | None:
+    def check(self, tenant: str | None, url: str, body: dict[str, Any]) -> str | None:
         """Whether one input line may run, before anything is sent.
 
         None if it may; otherwise the message to show the user: unknown model, endpoint

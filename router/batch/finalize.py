@@ -13,12 +13,12 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import Any
 
 import orjson
-from sqlalchemy import Row
 
 from router.batch.db import MetaStore
 from router.batch.jsonl import iter_lines
 from router.batch.models import error_line, output_file_id
 from router.batch.objects import Objects
+from router.batch.schema import AnyRow
 
 FLUSH_BYTES = 1024 * 1024
 UNRUN = {
@@ -56,7 +56,7 @@ async def _successes(db: MetaStore, batch_id: str) -> AsyncGenerator[bytes, None
         yield data
 
 
-async def _failures(db: MetaStore, objects: Objects, row: Row, outcome: str,
+async def _failures(db: MetaStore, objects: Objects, row: AnyRow, outcome: str,
                     max_line: int) -> AsyncGenerator[bytes, None]:
     if outcome not in UNRUN:
         async for _line, _ok, data in db.iter_results(row.id, ok=False):
@@ -78,7 +78,7 @@ async def _failures(db: MetaStore, objects: Objects, row: Row, outcome: str,
         yield error_line(orjson.loads(raw)["custom_id"], code, message)
 
 
-async def write_outputs(db: MetaStore, objects: Objects, row: Row, outcome: str, now: int,
+async def write_outputs(db: MetaStore, objects: Objects, row: AnyRow, outcome: str, now: int,
                         max_line: int) -> list[dict[str, Any]]:
     """Store the non-empty output/error files; their ``batch_files`` rows to insert."""
     unrun = row.total - row.completed - row.failed if outcome in UNRUN else 0

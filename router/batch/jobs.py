@@ -18,9 +18,9 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
-from sqlalchemy import Row
 
 from router.batch.config import BatchConfig
 from router.batch.db import MetaStore, Result
@@ -31,6 +31,7 @@ from router.batch.jsonl import LineTooLong, iter_lines
 from router.batch.limiter import AdaptiveLimit
 from router.batch.models import error_line, response_line, usage_of
 from router.batch.objects import ObjectMissing, Objects
+from router.batch.schema import AnyRow
 from router.batch.validate import validate
 
 log = logging.getLogger("routeyard.batch")
@@ -107,7 +108,7 @@ class ResultWriter:
 
 
 class Job:
-    def __init__(self, ctx: Context, row: Row) -> None:
+    def __init__(self, ctx: Context, row: AnyRow) -> None:
         self.ctx = ctx
         self.config = ctx.config
         self.row = row
@@ -163,7 +164,7 @@ class Job:
             self._wake.set()
 
     def _expired(self) -> bool:
-        return self.ctx.clock() >= self.row.expires_at
+        return bool(self.ctx.clock() >= self.row.expires_at)
 
     def _stop_reason(self) -> str | None:
         if self.status == "cancelling":
@@ -234,7 +235,7 @@ class Job:
             self.status = "cancelling"
         return True
 
-    async def _fail(self, errors: list[dict]) -> None:
+    async def _fail(self, errors: list[dict[str, Any]]) -> None:
         values = {"status": "failed", "failed_at": int(self.ctx.clock()),
                   "errors": orjson.dumps(errors).decode()}
         if not await self.ctx.db.finish(self.id, self.epoch, ("validating", "in_progress"),

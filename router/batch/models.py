@@ -11,7 +11,8 @@ import secrets
 from typing import Any
 
 import orjson
-from sqlalchemy import Row
+
+from router.batch.schema import AnyRow
 
 #: Endpoints a batch may target: the ones vLLM implements (§4.4).
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -32,7 +33,7 @@ def output_file_id(batch_id: str, kind: str) -> str:
     return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
 
 
-def file_object(row: Row) -> dict[str, Any]:
+def file_object(row: AnyRow) -> dict[str, Any]:
     return {
         "id": row.id,
         "object": "file",
@@ -46,7 +47,7 @@ def file_object(row: Row) -> dict[str, Any]:
     }
 
 
-def batch_object(row: Row) -> dict[str, Any]:
+def batch_object(row: AnyRow) -> dict[str, Any]:
     errors = orjson.loads(row.errors) if row.errors else None
     return {
         "id": row.id,

@@ -7,6 +7,8 @@ The tenant of auth-off deployments is stored as ``""`` so ownership is one equal
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -16,10 +18,14 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Row,
     String,
     Table,
     Text,
 )
+
+#: A row of one of the tables below, columns untyped (``Row`` is generic in its columns).
+AnyRow: TypeAlias = "Row[*tuple[Any, ...]]"
 
 metadata = MetaData()
 

@@ -27,7 +27,7 @@ from router.batch.models import (
     page,
 )
 from router.batch.objects import Objects, open_store
-from router.batch.worker import WorkerPool
+from router.batch.pool import WorkerPool
 from router.errors import BadRequest
 
 

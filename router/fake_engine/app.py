@@ -46,11 +46,14 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
-from sanic import HTTPResponse, Request, Sanic
+from sanic import DefaultSanic, HTTPResponse, Request, Sanic
 from sanic.exceptions import MethodNotAllowed, NotFound
 
+import router.fake_engine.audio as audio
+import router.fake_engine.generate as generate
+import router.fake_engine.ops as ops
+import router.fake_engine.pooling as pooling
 from router.catalog import ROUTES
-from router.fake_engine import audio, generate, ops, pooling
 from router.fake_engine.call import Call, json_response
 from router.fake_engine.formats import anthropic_error
 from router.fake_engine.state import (
@@ -111,7 +114,7 @@ _app_ids = itertools.count()
 
 
 def create_app(models: list[str], task: str, *, latency_ms: float = 0,
-               token_delay_ms: float = 0, tokens: int = 8) -> Sanic:
+               token_delay_ms: float = 0, tokens: int = 8) -> DefaultSanic:
     """A Sanic app serving ``models`` for ``task`` (generate, embed, score, transcription)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not one of {', '.join(TASKS)}; pick one of those")
@@ -224,7 +227,7 @@ async def _not_allowed(request: Request, exc: Exception) -> HTTPResponse:
     return json_response({"detail": "Method Not Allowed"}, 405, headers)
 
 
-def _add_introspection(app: Sanic, state: EngineState) -> None:
+def _add_introspection(app: DefaultSanic, state: EngineState) -> None:
     async def requests(request: Request) -> HTTPResponse:
         path = request.args.get("path")
         entries = [e for e in state.requests if path is None or e["path"] == path]

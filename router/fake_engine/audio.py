@@ -12,8 +12,8 @@ from typing import Any
 
 from sanic import HTTPResponse
 
-from router.fake_engine import formats as fmt
-from router.fake_engine import tokens
+import router.fake_engine.formats as fmt
+import router.fake_engine.tokens as tokens
 from router.fake_engine.call import Call, Stream
 from router.fake_engine.generate import flag
 from router.fake_engine.state import EngineError, missing_field, validation_error

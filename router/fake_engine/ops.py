@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 from sanic import HTTPResponse
 
-from router.fake_engine import formats as fmt
-from router.fake_engine import tokens
+import router.fake_engine.formats as fmt
+import router.fake_engine.tokens as tokens
 from router.fake_engine.call import Call
 from router.fake_engine.generate import flag, render, text_of
 from router.fake_engine.state import MAX_MODEL_LEN, VERSION, EngineError, missing_field

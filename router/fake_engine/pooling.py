@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 from sanic import HTTPResponse
 
-from router.fake_engine import formats as fmt
-from router.fake_engine import tokens
+import router.fake_engine.formats as fmt
+import router.fake_engine.tokens as tokens
 from router.fake_engine.call import Call
 from router.fake_engine.generate import render, text_of
 from router.fake_engine.state import EngineError, missing_field, validation_error

@@ -3,7 +3,7 @@
 Each admission is one Lua script run (``EVALSHA``): it reads, checks and charges all of the
 request's buckets atomically on the server, with the server's clock (``TIME``), so
 replicas never race on a read-modify-write and never disagree about time. The bucket
-math is the one ``limits.LocalLimiter`` does. All of a key's buckets share the Redis
+math is the one ``buckets.LocalLimiter`` does. All of a key's buckets share the Redis
 Cluster hash tag ``{key id}``.
 
 Redis failing (refused, timed out, any Redis error) never fails a request: the limiter
@@ -25,8 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from router.tenants.keys import Tenant
-from router.tenants.limits import (
+from router.tenants.buckets import (
     WINDOW_MS,
     Admission,
     LimiterStatus,
@@ -34,6 +33,7 @@ from router.tenants.limits import (
     decide,
     plan,
 )
+from router.tenants.keys import Tenant
 
 log = logging.getLogger("routeyard.limits")
 

@@ -16,7 +16,7 @@ from router.tenants import (
     estimate_tokens,
     reported_tokens,
 )
-from router.tenants.limits import _duration
+from router.tenants.buckets import _duration
 from router.tenants.limits_redis import RedisLimiter
 from tests.tenants.conftest import alice, authenticator
 
