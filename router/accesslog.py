@@ -70,7 +70,8 @@ class AccessLog:
         duration = perf_counter() - record.t0
         outcome = record.outcome
         trace = record.trace
-        trace_id = trace.trace_id() if trace is not None else _trace_id_of(record.headers)
+        trace_id = (trace.trace_id() if trace is not None else None) or _trace_id_of(
+            record.headers)
         line = orjson.dumps({
             "time": self._time(),
             "logger": LOGGER,

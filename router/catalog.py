@@ -138,7 +138,7 @@ ROUTES: tuple[Route, ...] = (
 PROXIED: tuple[Route, ...] = tuple(
     r for r in ROUTES if r.proxied and r.model is not ModelSource.NONE)
 #: Routes about a stored Responses API answer: the request names no model, the answer's id
-#: says which backend holds it (``router.response_ids``).
+#: says which backend holds it (``router.stored_responses``).
 BY_RESPONSE_ID: tuple[Route, ...] = tuple(
     r for r in ROUTES if r.proxied and r.model is ModelSource.NONE)
 

@@ -107,8 +107,12 @@ async def batch_worker(config_path: str) -> int:
     allowlists, balancing, health and retries), until SIGTERM."""
     from router.batch.worker import run_worker
     from router.dispatch import RouterDispatcher
-    from router.health import HealthMonitor
+    from router.health import HealthChecker
+    from router.proxy import Proxy
+    from router.record import Sinks
     from router.reload import ConfigHolder
+    from router.stored_responses import ResponseIds
+    from router.tenants.limits import build_limiter
 
     holder = ConfigHolder(config_path)
     try:
@@ -120,14 +124,19 @@ async def batch_worker(config_path: str) -> int:
     if batch is None:
         print(f"routeyard: {config_path} has no `batch:` block", file=sys.stderr)
         return 1
-    health = HealthMonitor(holder)
-    tasks = [asyncio.create_task(t) for t in (holder.watch(), health.run(), holder.refresh_dns())]
+    checker = HealthChecker(holder.registry.board, holder.registry.by_key.values,
+                            holder.health_settings)
+    proxy = Proxy(holder, ResponseIds())
+    proxy.start(build_limiter(), Sinks([]))
+    tasks = [asyncio.create_task(t) for t in (holder.watch(), checker.run(),
+                                              holder.refresh_dns())]
     try:
-        await run_worker(batch, RouterDispatcher(holder, health))
+        await run_worker(batch, RouterDispatcher(proxy))
     finally:
         for task in tasks:
             task.cancel()
-        health.close()
+        checker.close()
+        await proxy.limiter.close()
         holder.close()
     return 0
 
@@ -158,7 +167,7 @@ def serve_command(settings: Settings) -> int:
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
-    from router import telemetry
+    from router import tracing
     from router.app import create_app
 
     _setup_logging(settings.log_level)
@@ -168,7 +177,7 @@ def serve_command(settings: Settings) -> int:
         print(f"routeyard: {exc}", file=sys.stderr)
         return 1
     try:
-        telemetry.check(os.environ, settings.tracing)
+        tracing.check(os.environ, settings.tracing)
     except ValueError as exc:
         print(f"routeyard: {exc}", file=sys.stderr)
         return 1

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from router.endpoint import Endpoint, EndpointRegistry, Member
 from router.config import ModelConfig
+from router.endpoint import Endpoint, EndpointRegistry, Member
 
 log = logging.getLogger("routeyard.discovery")
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import os
 from bisect import bisect_left
-from time import perf_counter
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:

@@ -114,7 +114,7 @@ async def admit(
     snapshot: Snapshot, group: str, path: str, name: str, data: dict[str, Any], body: bytes,
     record: Record, *, principal: Principal | None, limited: Tenant | None,
     limiter: Limiter, headers: Mapping[str, str], form: bool = False,
-    placement: Callable[[ModelEntry, dict[str, Any]], Placement] | None = None,
+    placement: Callable[[str, dict[str, Any]], Placement] | None = None,
 ) -> Admitted:
     """Admit a request for model ``name`` on ``group`` (``data``: its parsed body).
 
@@ -144,7 +144,7 @@ async def admit(
         admission = record.admission = await limiter.admit(limited, name, estimate)
         answer_headers = list(admission.headers.items())
     key = model.key_of(headers, data) if model.key_of else None
-    placed = placement(model, data) if placement is not None else None
+    placed = placement(model.name, data) if placement is not None else None
     return Admitted(model, body, key, placed, answer_headers)
 
 

@@ -52,6 +52,10 @@ class AttemptTrace(Protocol):
 
     def attempt_ended(self, status: int, error: str | None) -> None: ...
 
+    def trace_id(self) -> str | None:
+        """The request's trace id (32 hex digits), if it has one."""
+        ...
+
 
 class Outcome:
     """What the relay reports about its attempts and the answer it relayed."""

@@ -19,9 +19,9 @@ from pathlib import Path
 from watchfiles import awatch
 
 from router import snapshot
-from router.cluster import EndpointRegistry
-from router.config import ConfigError, load_file
+from router.config import ConfigError, HealthChecks, OutlierDetection, RoutesConfig, load_file
 from router.discovery import Resolver, apply_limits
+from router.endpoint import EndpointRegistry
 from router.snapshot import Snapshot
 
 log = logging.getLogger("routeyard.reload")
@@ -30,9 +30,9 @@ log = logging.getLogger("routeyard.reload")
 class ConfigHolder:
     """Owns the current snapshot of one worker process."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, registry: EndpointRegistry | None = None) -> None:
         self.path = Path(path)
-        self.registry = EndpointRegistry()
+        self.registry = registry or EndpointRegistry()
         self.resolver = Resolver()
         self.reloads = {"ok": 0, "error": 0, "unchanged": 0}
         self.last_error: str | None = None
@@ -47,10 +47,17 @@ class ConfigHolder:
         if self.on_load is not None:
             self.on_load(result, self.current.config.sha256)
 
-    async def load(self) -> None:
-        """The first load: an invalid file is fatal here (``ConfigError`` propagates)."""
-        self.current = await snapshot.build(load_file(self.path), self.registry, self.resolver)
+    async def load(self, config: RoutesConfig | None = None) -> None:
+        """The first load, of ``config`` when the file was parsed already; an invalid file
+        is fatal here (``ConfigError`` propagates)."""
+        config = config if config is not None else load_file(self.path)
+        self.current = await snapshot.build(config, self.registry, self.resolver)
         self._loaded(None)
+
+    def health_settings(self) -> tuple[HealthChecks, OutlierDetection]:
+        """The health checks and outlier detection now in force."""
+        config = self.current.config
+        return config.health_checks, config.outlier_detection
 
     async def reload(self) -> bool:
         """Re-read the file; swap in a new snapshot if it changed and is valid."""

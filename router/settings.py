@@ -29,5 +29,5 @@ class Settings(BaseSettings):
     #: default: it costs about as much CPU per request as the metrics and tokens together.
     access_log: bool = False
     #: OpenTelemetry tracing: unset means "on when the ``OTEL_*`` variables ask for it"
-    #: (``router.telemetry.tracing_wanted``); true or false overrides them.
+    #: (``router.tracing.tracing_wanted``); true or false overrides them.
     tracing: bool | None = None

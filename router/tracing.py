@@ -18,6 +18,8 @@ request::
     └── CLIENT   "chat <model>"           one per attempt; sent to the backend as traceparent
 
 Spans get explicit parents and times; nothing is attached to contextvars.
+"""
+
 from __future__ import annotations
 
 import time
@@ -157,7 +159,6 @@ class Tracing:
         trace = record.trace
         if isinstance(trace, RequestTrace):
             trace.finish()
-        return None
 
 
 class RequestTrace:
@@ -207,6 +208,10 @@ class RequestTrace:
             kind=self.tracing.kind.CLIENT, attributes=attrs)
         self.client_span = span
         return _traceparent(span)
+
+    def trace_id(self) -> str | None:
+        trace_id = self.span.get_span_context().trace_id
+        return f"{trace_id:032x}" if trace_id else None
 
     def attempt_ended(self, status: int, error: str | None) -> None:
         span = self.client_span

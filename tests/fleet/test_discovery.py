@@ -91,7 +91,7 @@ async def test_dns_addresses_appear_get_traffic_and_vanish(tmp_path: Path,
         dns.answers = ["10.0.0.1", "10.0.0.3"]
         await _eventually(lambda: hosts() == ["10.0.0.1", "10.0.0.3"])
         assert await spread(30) == {"10.0.0.1": 15, "10.0.0.3": 15}
-        assert held.key not in holder.registry.by_key and held.pool.closed
+        assert held.key not in holder.registry.by_key and held.transport.closed
         cluster.release(held)
         assert held.in_flight == 0 and cluster.in_flight == 0
 

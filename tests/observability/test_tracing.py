@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from router.telemetry import exporter_names, otlp_protocol, tracing_wanted, usage_of
+from router.tracing import exporter_names, otlp_protocol, tracing_wanted
+from router.usage import usage_of
 from tests.conftest import ROOT, Router, free_port, stop
 from tests.observability.conftest import (
     Collector,

@@ -28,7 +28,7 @@ import pytest
 
 from router.compat import run
 from router.compat.requests import groups_of
-from router.response_ids import response_id_in
+from router.stored_responses import response_id_in
 from tests.conftest import ROOT, Router, start_router, stop
 
 pytestmark = pytest.mark.real_vllm
