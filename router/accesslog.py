@@ -21,8 +21,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -36,7 +37,7 @@ FLUSH_INTERVAL = 0.1
 FLUSH_LINES = 256
 
 
-def _trace_id_of(headers: Any) -> str | None:
+def _trace_id_of(headers: Mapping[str, str]) -> str | None:
     """The trace id of an incoming W3C ``traceparent``, when routeyard itself does not trace."""
     value = headers.get("traceparent")
     if value and len(value) >= 55 and value[2] == "-":

@@ -14,7 +14,7 @@ import signal
 from typing import TYPE_CHECKING
 
 import orjson
-from sanic import HTTPResponse, Request, Sanic
+from sanic import DefaultSanic, HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 
 from router.catalog import BY_RESPONSE_ID, PROXIED, error_style
@@ -55,7 +55,7 @@ class Worker:
     draining = False
 
 
-def create_app(settings: Settings | None = None) -> Sanic:
+def create_app(settings: Settings | None = None) -> DefaultSanic:
     settings = settings or Settings()
     app = Sanic("routeyard", configure_logging=False)
     app.config.update(
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> Sanic:
         register(app, batch, tenant_of)
 
     @app.before_server_start
-    async def start(app: Sanic) -> None:
+    async def start(app: DefaultSanic) -> None:
         _observers(worker, settings, tracing, app)
         metrics = worker.metrics
         if metrics is not None:
@@ -114,11 +114,11 @@ def create_app(settings: Settings | None = None) -> Sanic:
         app.add_task(holder.refresh_dns(), name="routeyard.dns")
 
     @app.before_server_stop
-    async def drain(app: Sanic) -> None:
+    async def drain(app: DefaultSanic) -> None:
         worker.draining = True
 
     @app.after_server_stop
-    async def stop(app: Sanic) -> None:
+    async def stop(app: DefaultSanic) -> None:
         if batch is not None:
             await batch.close(grace=settings.graceful_shutdown)
         await proxy.limiter.close()
@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> Sanic:
                 close()
 
     @app.main_process_ready
-    async def forward_sighup(app: Sanic) -> None:
+    async def forward_sighup(app: DefaultSanic) -> None:
         # With --workers N the manager process gets SIGHUP; every worker must reload.
         def _forward(signum: int, _frame: object) -> None:
             for process in app.manager.transient_processes:
@@ -215,7 +215,7 @@ def create_app(settings: Settings | None = None) -> Sanic:
     return app
 
 
-def _observers(worker: Worker, settings: Settings, tracing: bool, app: Sanic) -> None:
+def _observers(worker: Worker, settings: Settings, tracing: bool, app: DefaultSanic) -> None:
     """Metrics, the access log and tracing, each when on; made in each worker at start."""
     sinks: list[Sink] = []
     if settings.metrics:

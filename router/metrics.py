@@ -154,64 +154,64 @@ class Metrics:
             disable_created_metrics,
         )
 
-        disable_created_metrics()  # no *_created series: the multi-worker scrape has none
+        # no *_created series: the multi-worker scrape has none
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
         self.multiprocess = multiprocess()
         registry = None if self.multiprocess else CollectorRegistry(auto_describe=True)
         if self.multiprocess:
             from prometheus_client import multiprocess as mp
 
             self.registry = CollectorRegistry()
-            mp.MultiProcessCollector(self.registry)
+            mp.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]  # unannotated upstream
         else:
             assert registry is not None
             self.registry = registry
-        r = {"registry": registry}
         rg = ["model", "group", "backend"]
         self.requests = Counter(
             "routeyard_requests", "Proxied requests by model, endpoint group, backend and "
             "HTTP status code (router-made errors included; backend empty when none was "
-            "chosen).", [*rg, "code"], **r)
+            "chosen).", [*rg, "code"], registry=registry)
         self.duration = Histogram(
             "routeyard_request_duration_seconds", "From request arrival to the last byte of "
-            "the response.", rg, buckets=DURATION_BUCKETS, **r)
+            "the response.", rg, buckets=DURATION_BUCKETS, registry=registry)
         self.ttfb = Histogram(
             "routeyard_time_to_first_byte_seconds", "From request arrival to the first byte "
-            "of the response body from the backend.", rg, buckets=TTFB_BUCKETS, **r)
+            "of the response body from the backend.", rg, buckets=TTFB_BUCKETS, registry=registry)
         self.overhead = Histogram(
             "routeyard_router_overhead_seconds", "From request arrival to the first upstream "
             "request being sent (includes any queue wait).", ["model", "group"],
-            buckets=OVERHEAD_BUCKETS, **r)
+            buckets=OVERHEAD_BUCKETS, registry=registry)
         self.in_flight = Gauge(
             "routeyard_backend_in_flight_requests", "Requests in flight to each backend.",
-            ["backend"], multiprocess_mode="livesum", **r)
+            ["backend"], multiprocess_mode="livesum", registry=registry)
         self.backend_up = Gauge(
             "routeyard_backend_up", "1 when the backend is healthy and not ejected (with "
             "several workers: in every worker), else 0.", ["backend"],
-            multiprocess_mode="livemin", **r)
+            multiprocess_mode="livemin", registry=registry)
         self.retries = Counter(
             "routeyard_retries", "Requests retried on another backend, by the backend that "
-            "failed.", ["model", "backend"], **r)
+            "failed.", ["model", "backend"], registry=registry)
         self.queue_wait = Histogram(
             "routeyard_queue_wait_seconds", "Time waited for a free backend, for requests "
-            "that had to wait.", ["model"], buckets=QUEUE_BUCKETS, **r)
+            "that had to wait.", ["model"], buckets=QUEUE_BUCKETS, registry=registry)
         self.queued = Gauge(
             "routeyard_queued_requests", "Requests waiting for a free backend.", ["model"],
-            multiprocess_mode="livesum", **r)
+            multiprocess_mode="livesum", registry=registry)
         self.queue_rejections = Counter(
             "routeyard_queue_rejections", "Requests answered 429 because the queue was full "
-            "or no backend freed up in time.", ["model"], **r)
+            "or no backend freed up in time.", ["model"], registry=registry)
         self.tokens = Counter(
             "routeyard_tokens", "Tokens reported in responses' usage, by model and type "
-            "(input, output).", ["model", "type"], **r)
+            "(input, output).", ["model", "type"], registry=registry)
         self.reloads = Counter(
             "routeyard_config_reloads", "Config reloads by result (ok, error, unchanged); "
-            "each worker counts its own.", ["result"], **r)
+            "each worker counts its own.", ["result"], registry=registry)
         for result in ("ok", "error", "unchanged"):
             self.reloads.labels(result)  # export zeros: rate() needs the series to exist
         self.config_info = Gauge(
             "routeyard_config_info", "1 for the sha256 of the routes file being served (0 for "
             "one served earlier in this run, with several workers).",
-            ["sha256"], multiprocess_mode="livemax", **r)
+            ["sha256"], multiprocess_mode="livemax", registry=registry)
         self._series: dict[tuple[str, str, str], Series] = {}
         self._models: dict[str, ModelSeries] = {}
         self._backends: dict[str, tuple[Any, Any]] = {}
@@ -338,7 +338,7 @@ class Metrics:
         if self.multiprocess:
             from prometheus_client import multiprocess as mp
 
-            mp.mark_process_dead(os.getpid())
+            mp.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # unannotated upstream
 
 
 def prepare_multiprocess_dir(path: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
@@ -149,7 +149,7 @@ async def admit(
 
 
 # -- the handlers ------------------------------------------------------------------------------
-Handler = Callable[["Request"], Awaitable[None]]
+Handler = Callable[["Request"], Coroutine[Any, Any, None]]
 
 
 class Proxy:

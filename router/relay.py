@@ -30,7 +30,6 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sanic import HTTPResponse, Request
-from sanic.helpers import has_message_body
 
 from router.endpoint import Endpoint
 from router.errors import QueueTimeout, StreamError, UpstreamError
@@ -261,6 +260,11 @@ class RelayedResponse(HTTPResponse):
             yield name.encode("ascii"), str(value).encode("ascii")
 
 
+def _has_message_body(status: int) -> bool:
+    """RFC 9110 §6.4.1: 1xx, 204 and 304 answers have no body."""
+    return not (status < 200 or status in (204, 304))
+
+
 async def send_answer(request: Request, response: Response, outcome: Outcome,
                       request_id: str, stream_error: StreamError | None,
                       extra_headers: list[tuple[str, str]] | None = None,
@@ -289,7 +293,7 @@ async def send_answer(request: Request, response: Response, outcome: Outcome,
     if extra_headers:
         headers.extend((n.encode("ascii"), v.encode("ascii")) for n, v in extra_headers)
     status = response.status
-    if not content_type and has_message_body(status):
+    if not content_type and _has_message_body(status):
         # RFC 9110 §8.3: a recipient may assume this when the sender names no type.
         content_type = b"application/octet-stream"
         headers.append((b"content-type", content_type))
