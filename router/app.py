@@ -38,6 +38,7 @@ from router.tracing import tracing_wanted
 
 if TYPE_CHECKING:
     from router.metrics import Metrics
+    from router.snapshot import Snapshot
     from router.tracing import Tracing
 
 log = logging.getLogger("routeyard")
@@ -93,7 +94,16 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
         _observers(worker, settings, tracing, app)
         metrics = worker.metrics
         if metrics is not None:
-            holder.on_load = metrics.config_loaded
+            holder.listeners.append(lambda result, snap: metrics.config_loaded(
+                result, snap.config.sha256))
+        if batch is not None:
+            service = batch
+
+            def batch_reloaded(result: str | None, snap: Snapshot) -> None:
+                if result == "ok":
+                    service.reconfigure(snap.config.batch)
+
+            holder.listeners.append(batch_reloaded)
         await holder.load(config)
         if metrics is not None:
             metrics.start(app.loop, lambda: (

@@ -66,8 +66,7 @@ class RouterDispatcher:
                     f"`{model.name}`. Enabled groups: {', '.join(model.enabled)}.")
         return None
 
-    async def dispatch(self, url: str, body: bytes, tenant: str | None = None
-                       ) -> tuple[int, bytes]:
+    async def dispatch(self, url: str, body: bytes, tenant: str | None) -> tuple[int, bytes]:
         proxy = self.proxy
         snapshot = proxy.holder.current
         group = _GROUP_OF.get(url, "")

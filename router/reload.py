@@ -39,13 +39,13 @@ class ConfigHolder:
         self.tasks: set[asyncio.Task[object]] = set()
         self._lock = asyncio.Lock()
         self.current: Snapshot
-        #: Told every load: (result, sha256 now served); result is None for the first
-        #: load, else "ok", "error" or "unchanged" (the metrics listen here).
-        self.on_load: Callable[[str | None, str], None] | None = None
+        #: Told every load: (result, snapshot now served); result is None for the first
+        #: load, else "ok", "error" or "unchanged" (metrics and the batch service listen).
+        self.listeners: list[Callable[[str | None, Snapshot], None]] = []
 
     def _loaded(self, result: str | None) -> None:
-        if self.on_load is not None:
-            self.on_load(result, self.current.config.sha256)
+        for listener in self.listeners:
+            listener(result, self.current)
 
     async def load(self, config: RoutesConfig | None = None) -> None:
         """The first load, of ``config`` when the file was parsed already; an invalid file

@@ -19,8 +19,9 @@ class Dispatcher(Protocol):
         """
         ...
 
-    async def dispatch(self, url: str, body: bytes) -> tuple[int, bytes]:
-        """Send one request (``url`` such as ``/v1/chat/completions``, JSON ``body``).
+    async def dispatch(self, url: str, body: bytes, tenant: str | None) -> tuple[int, bytes]:
+        """Send one request (``url`` such as ``/v1/chat/completions``, JSON ``body``) for
+        ``tenant`` (None when auth is off), admitted as online requests are.
 
         Returns the status and JSON body: the engine's, or the router's own error in
         OpenAI's envelope with its status (503 no healthy endpoint, 504 timeout...).

@@ -314,7 +314,8 @@ class Job:
         attempt = 1
         while True:
             try:
-                status, payload = await self.ctx.dispatcher.dispatch(self.row.endpoint, body)
+                status, payload = await self.ctx.dispatcher.dispatch(self.row.endpoint, body,
+                                                                      self.row.tenant or None)
             except Exception as exc:  # a broken dispatcher must not wedge the batch
                 log.exception("batch %s: dispatcher raised", self.id)
                 status, payload = 502, orjson.dumps({"error": {

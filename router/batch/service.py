@@ -7,6 +7,7 @@ HTTP layer (``api.register``) calls the methods below with the caller's tenant.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -47,6 +48,13 @@ def _limit(value: Any, default: int, maximum: int, name: str) -> int:
     return limit
 
 
+log = logging.getLogger("routeyard.batch")
+
+#: Settings read once at start (storage, database, workers).
+RESTART_SETTINGS = ("database_url", "database_schema", "database_pool_size", "storage",
+                    "workers")
+
+
 class BatchService:
     def __init__(self, config: BatchConfig | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -70,6 +78,27 @@ class BatchService:
             ctx = Context(self.db, self.objects, dispatcher, self.config, self.clock)
             self.pool = WorkerPool(ctx, count)
             self.pool.start()
+
+    def reconfigure(self, config: BatchConfig | None) -> list[str]:
+        """A reload's ``batch:`` block. Limits and timings apply at once (new uploads, and
+        batches that start from now on); the database, the storage and the number of
+        workers are fixed at start: a change to them is logged and takes effect at the
+        next restart, as does adding or removing the block. Returns those settings."""
+        fixed = [name for name in RESTART_SETTINGS
+                 if config is None or getattr(config, name) != getattr(self.config, name)]
+        if config is None:
+            log.warning("batch: removed from the routes file; the Files and Batch API keep "
+                        "running until the next restart")
+            return fixed
+        if fixed:
+            log.warning("batch: %s changed; takes effect at the next restart",
+                        ", ".join(fixed))
+        live = config.model_copy(update={n: getattr(self.config, n) for n in RESTART_SETTINGS})
+        if live != self.config:
+            self.config = live
+            if self.pool is not None:
+                self.pool.ctx.config = live
+        return fixed
 
     async def close(self, grace: float = 30.0) -> None:
         """Stop claiming, let running lines end (up to ``grace`` s), close the pools."""

@@ -49,7 +49,7 @@ class EngineDispatcher:
             return f"The model `{model}` is not allowed for this API key."
         return None
 
-    async def dispatch(self, url: str, body: bytes) -> tuple[int, bytes]:
+    async def dispatch(self, url: str, body: bytes, tenant: str | None) -> tuple[int, bytes]:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=30, limits=httpx.Limits(
                 max_connections=512, max_keepalive_connections=64))
