@@ -72,11 +72,6 @@ def _parse_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def model_from_form(form_model: object) -> str:
-    """Deprecated: only until router/app.py calls ``read_form``; then delete it."""
-    return _check(form_model)
-
-
 def _check(model: object) -> str:
     if model is None or model == "":
         raise BadRequest(

@@ -33,8 +33,9 @@ from router.errors import (
     stream_error_event,
 )
 from router.model_field import (
-    model_from_form,
+    Form,
     model_from_json,
+    read_form,
     rewrite_form_model,
     rewrite_json_model,
 )
@@ -113,13 +114,14 @@ class Admitted:
 async def admit(
     snapshot: Snapshot, group: str, path: str, name: str, data: dict[str, Any], body: bytes,
     record: Record, *, principal: Principal | None, limited: Tenant | None,
-    limiter: Limiter, headers: Mapping[str, str], form: bool = False,
+    limiter: Limiter, headers: Mapping[str, str], form: Form | None = None,
     placement: Callable[[str, dict[str, Any]], Placement] | None = None,
 ) -> Admitted:
     """Admit a request for model ``name`` on ``group`` (``data``: its parsed body).
 
     ``principal`` limits the models it may see (an unknown and a hidden model both get
-    404); ``limited`` is the key whose rate limits it is charged to."""
+    404); ``limited`` is the key whose rate limits it is charged to; ``form`` is the
+    multipart form the body holds (audio routes), else the body is JSON."""
     model = snapshot.models.get(name)
     if principal is not None and not principal.can_use(name):
         model = None  # do not reveal models this key may not see
@@ -136,11 +138,13 @@ async def admit(
             f"{model.max_body_size} (max_body_size in routes.yaml)."
         )
     if model.backend_model:
-        rewrite = rewrite_form_model if form else rewrite_json_model
-        body = rewrite(body, model.backend_model)
+        if form is not None:
+            body = rewrite_form_model(body, form, model.backend_model)
+        else:
+            body = rewrite_json_model(body, model.backend_model)
     answer_headers = None
     if limited is not None:
-        estimate = estimate_tokens(0 if form else len(body), data)
+        estimate = estimate_tokens(0 if form is not None else len(body), data)
         admission = record.admission = await limiter.admit(limited, name, estimate)
         answer_headers = list(admission.headers.items())
     key = model.key_of(headers, data) if model.key_of else None
@@ -199,15 +203,16 @@ class Proxy:
             tenant = authenticate(snapshot, request)
             record = self._record(request, group, operation, request_id)
             try:
+                form = None
                 if from_form:
-                    data: dict[str, Any] = dict(request.form or {})
-                    name = model_from_form(request.form.get("model") if request.form else None)
+                    form = read_form(body, request.headers.get("content-type", ""))
+                    name, data = form.model, dict(form.fields)
                 else:
                     name, data = model_from_json(body)
                 admitted = await admit(
                     snapshot, group, request.path, name, data, body, record, principal=tenant,
                     limited=tenant, limiter=self.limiter, headers=request.headers,
-                    form=from_form, placement=placement)
+                    form=form, placement=placement)
                 outbound = Outbound(request.method, request.raw_url.decode("latin-1"),
                                     request.headers, admitted.body, request_id,
                                     record.client_ip or "", strip_keys=tenant is not None)
