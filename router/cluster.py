@@ -37,7 +37,9 @@ class Cluster:
         self.queue_size = config.queue.size
         self.queue_timeout = config.queue.timeout
         self.in_flight = 0
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        #: Requests waiting for a slot, first come first served, with the endpoints each
+        #: may not use (those it tried already).
+        self.waiters: deque[tuple[asyncio.Future[None], set[Endpoint]]] = deque()
         self.members: tuple[Member, ...] = ()
         self.balancer: Balancer = make_balancer(config, ())
         self.set_members(members)
@@ -77,15 +79,15 @@ class Cluster:
                 return endpoint
         return None
 
-    def try_acquire_member(self, backend: str) -> Endpoint | None:
-        """The member endpoint with key ``backend`` if it is up and has capacity now,
-        counted in flight; else None."""
+    def try_acquire_member(self, backend: str, exclude: set[Endpoint]) -> Endpoint | None:
+        """The member endpoint with key ``backend`` if it is up, has capacity now and is
+        not in ``exclude``, counted in flight; else None."""
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
             return None
         for member in self.members:
             endpoint = member.endpoint
             if endpoint.key == backend:
-                if not (endpoint.up and endpoint.has_capacity):
+                if not (endpoint.up and endpoint.has_capacity) or endpoint in exclude:
                     return None
                 endpoint.in_flight += 1
                 self.in_flight += 1
@@ -112,30 +114,35 @@ class Cluster:
             if remaining <= 0:
                 raise QueueTimeout(self.name, "no backend freed up in time", self.queue_timeout)
             waiter = loop.create_future()
-            self.waiters.append(waiter)
+            entry = (waiter, exclude)
+            self.waiters.append(entry)
             try:
                 await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
                 pass
             finally:
-                if waiter in self.waiters:
-                    self.waiters.remove(waiter)
+                if entry in self.waiters:
+                    self.waiters.remove(entry)
 
     def release(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
         self.in_flight -= 1
-        self.wake_one()
+        if self.waiters:
+            self.wake_one(endpoint)
         clusters = endpoint.clusters
         if len(clusters) > 1:  # a reload made a new cluster: its waiters may use this slot
             for cluster in clusters:
                 if cluster is not self:
-                    cluster.wake_one()
+                    cluster.wake_one(endpoint)
 
-    def wake_one(self) -> None:
-        """Wake the first waiter still waiting, if any."""
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
+    def wake_one(self, freed: Endpoint | None = None) -> None:
+        """Wake the first waiter that may use the ``freed`` endpoint (any waiter when
+        None: the member set changed), so a wake-up is never spent on a request that
+        excludes it."""
+        for entry in self.waiters:
+            waiter, exclude = entry
+            if not waiter.done() and (freed is None or freed not in exclude):
+                self.waiters.remove(entry)
                 waiter.set_result(None)
                 return
 
@@ -177,7 +184,7 @@ class Lease:
         cluster = self.cluster
         endpoint = None
         if self.prefer is not None:
-            endpoint = cluster.try_acquire_member(self.prefer)
+            endpoint = cluster.try_acquire_member(self.prefer, self.exclude)
         if endpoint is None:
             endpoint = cluster.try_acquire(self.key, self.exclude)
         if endpoint is None:

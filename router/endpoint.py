@@ -18,7 +18,7 @@ from router.upstream import Origin, Pool, Transport
 class SlotWaiter(Protocol):
     """Something that waits for a free slot at an endpoint (a cluster's queue)."""
 
-    def wake_one(self) -> None: ...
+    def wake_one(self, freed: Endpoint | None = None) -> None: ...
 
 
 class Endpoint:

@@ -134,7 +134,7 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
                 outcome.queue_wait += lease.waited
                 outcome.backend = endpoint.key
                 outcome.retries = attempt
-                outcome.attempt_status = 0
+                outcome.status = outcome.attempt_status = 0
                 outcome.attempt_error = None
                 header = trace.attempt(endpoint, attempt) if trace is not None else None
                 try:
@@ -178,6 +178,7 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
                     if trace is not None:
                         trace.attempt_ended(outcome.attempt_status, outcome.attempt_error)
         except QueueTimeout:
+            outcome.queue_wait += lease.waited
             outcome.queue_rejected = True
             raise
         outcome.retried_from += (endpoint.key,)

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from router.errors import ClientError, EndpointNotEnabled, ModelNotFound, PayloadTooLarge
-from router.model_field import model_from_json
+from router.model_field import model_from_json, read_form
 from router.proxy import Admitted, LimiterSink, admit, check_head, unsafe_head
 from router.record import Record
 from router.snapshot import Snapshot
@@ -155,9 +155,10 @@ async def test_backend_model_rewrites_the_form_field(snap: Snapshot) -> None:
             b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
             b"Content-Type: audio/wav\r\n\r\nRIFF\r\n--XyZ--\r\n")
     record = new_record("transcription", "/v1/audio/transcriptions")
-    admitted = await admit(snap, "transcription", "/v1/audio/transcriptions", "whisper",
-                           {"model": "whisper"}, body, record, principal=None, limited=None,
-                           limiter=LocalLimiter(), headers={}, form=True)
+    form = read_form(body, "multipart/form-data; boundary=XyZ")
+    admitted = await admit(snap, "transcription", "/v1/audio/transcriptions", form.model,
+                           dict(form.fields), body, record, principal=None, limited=None,
+                           limiter=LocalLimiter(), headers={}, form=form)
     assert admitted.body == body.replace(b"\r\n\r\nwhisper\r\n", b"\r\n\r\nwhisper-large\r\n")
     assert record.backend_model == "whisper-large"
 

@@ -447,10 +447,6 @@ async def test_cancelled_while_relaying_the_body() -> None:
     assert_idle(model)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "forward leaves outcome.status at a retried attempt's 502 while the next attempt "
-    "waits, so a client that leaves then is recorded with a status it never got "
-    "(Record.ended uses outcome.status or 499)"))
 async def test_client_leaving_during_a_retry_is_recorded_as_499() -> None:
     gate = Gate()
     fleet = Fleet(answers(reply(502), gate))
@@ -525,10 +521,6 @@ async def test_queue_timeout_when_no_backend_frees_up() -> None:
     assert_idle(model)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Lease.waited is set when the queue wait fails, but forward adds it to "
-    "outcome.queue_wait only inside the lease, so requests that timed out in the queue "
-    "(the longest waits) never reach routeyard_queue_wait_seconds or the trace"))
 async def test_queue_wait_reported_for_a_request_that_timed_out_in_the_queue() -> None:
     gate = Gate()
     fleet = Fleet(gate)
@@ -545,10 +537,6 @@ async def test_queue_wait_reported_for_a_request_that_timed_out_in_the_queue() -
     assert waited.queue_wait >= 0.015
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Cluster.release wakes only the first waiter; when that waiter excludes the freed "
-    "endpoint (a retry) it waits again and the wake-up is lost: a waiter that could use "
-    "the free slot sleeps until another release or its queue timeout"))
 async def test_freed_slot_reaches_a_waiter_that_can_use_it() -> None:
     gate_a, gate_b = Gate(), Gate()
     fleet = Fleet()
@@ -666,10 +654,6 @@ async def test_placement_not_here_when_no_endpoint_is_left() -> None:
     assert_idle(model)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Lease takes `prefer` without looking at `exclude`: forward(tried={a}, prefer=a) "
-    "sends to a, which `tried` says not to use (latent: forward_stored only prefers on "
-    "its first model, when nothing was tried yet)"))
 async def test_placement_prefer_skips_an_endpoint_already_tried() -> None:
     fleet = Fleet()
     model = await model_of(fleet, "a", "b")
