@@ -14,11 +14,7 @@ import concurrent.futures
 import json
 import os
 import secrets
-import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +28,16 @@ import pytest
 from router.batch import BatchService
 from router.batch.models import new_id
 from router.batch.objects import Objects
-from tests.conftest import ROOT, free_port, stop, wait_healthy
+from tests.harness import (
+    FakeEngine,
+    Process,
+    eventually,
+    free_port,
+    http_ok,
+    python_m,
+    running,
+    wait_until,
+)
 
 PG_URL = os.environ.get("ROUTEYARD_TEST_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -45,43 +50,22 @@ def run_async(coro: Any) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-
-
-def kill9(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(5)
-
-
 @pytest.fixture(scope="session")
-def batch_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("batch-logs")
+def batch_logs(logs: Path) -> Path:
+    (logs / "batch").mkdir(exist_ok=True)
+    return logs / "batch"
 
 
 @pytest.fixture(scope="session")
 def batch_engines(batch_logs: Path) -> Iterator[dict[str, str]]:
     """generate (chat-model), embed (embed-model), slow (300 ms per request), flaky."""
-    specs = {
-        "generate": ["--task", "generate", "--model", "chat-model"],
-        "embed": ["--task", "embed", "--model", "embed-model"],
-        "slow": ["--task", "generate", "--model", "chat-model", "--latency-ms", "300"],
-        "flaky": ["--task", "generate", "--model", "chat-model"],
-    }
-    procs, urls = [], {}
-    for name, args in specs.items():
-        port = free_port()
-        urls[name] = f"http://127.0.0.1:{port}"
-        procs.append(spawn(["-m", "router.cli", "fake-engine", *args, "--port", str(port)],
-                           batch_logs / f"engine-{name}.log"))
-    try:
-        for (_name, url), proc in zip(urls.items(), procs, strict=True):
-            wait_healthy(f"{url}/health", proc)
-        yield urls
-    finally:
-        for proc in procs:
-            stop(proc)
+    specs = {"generate": ("generate", "chat-model", 0), "embed": ("embed", "embed-model", 0),
+             "slow": ("generate", "chat-model", 300), "flaky": ("generate", "chat-model", 0)}
+    engines = {name: FakeEngine(task, [model], batch_logs / f"engine-{name}.log",
+                                latency_ms=latency)
+               for name, (task, model, latency) in specs.items()}
+    with running(engines.values()):
+        yield {name: engine.url for name, engine in engines.items()}
 
 
 def engine_requests(engine: str, marker_prefix: str) -> list[dict]:
@@ -175,29 +159,32 @@ def s3(batch_logs: Path) -> Iterator[S3]:
     import boto3
 
     port = free_port()
-    proc = spawn(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                 batch_logs / "moto.log")
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(f"{endpoint}/moto-api/", proc)
+    moto = Process(python_m("moto.server", "-H", "127.0.0.1", "-p", str(port)),
+                   batch_logs / "moto.log", ready=http_ok(f"{endpoint}/moto-api/"))
+    with moto:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                      aws_access_key_id="testing",
                      aws_secret_access_key="testing").create_bucket(Bucket="batches")
         yield S3(endpoint, "batches")
-    finally:
-        stop(proc)
 
 
 # servers ----------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    config: dict[str, Any]
-    storage: Path | None
-    log: Path
+class Server(Process):
+    """``python -m tests.batch.server serve SPEC PORT`` on a free port."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any], engines: dict[str, str],
+                 storage: Path | None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = config
+        self.storage = storage
+        spec = write_spec(tmp / f"spec-{self.port}.json", config, engines)
+        super().__init__(python_m("tests.batch.server", "serve", str(spec), str(self.port)),
+                         tmp / f"server-{self.port}.log", ready=http_ok(f"{self.url}/health"),
+                         name=f"batch server :{self.port}")
 
     def client(self, tenant: str | None = "A") -> openai.OpenAI:
         key = "open" if tenant is None else f"key-{tenant}"
@@ -220,21 +207,6 @@ def write_spec(path: Path, config: dict[str, Any], engines: dict[str, str],
     return path
 
 
-def start_server(tmp: Path, config: dict[str, Any], engines: dict[str, str],
-                 storage: Path | None) -> Server:
-    port = free_port()
-    spec = write_spec(tmp / f"spec-{port}.json", config, engines)
-    log = tmp / f"server-{port}.log"
-    proc = spawn(["-m", "tests.batch.server", "serve", str(spec), str(port)], log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(f"{url}/health", proc)
-    except RuntimeError:
-        stop(proc)
-        raise RuntimeError(f"batch server failed:\n{log.read_text()[-3000:]}") from None
-    return Server(url, proc, config, storage, log)
-
-
 @pytest.fixture(scope="session")
 def local_server(tmp_path_factory: pytest.TempPathFactory,
                  batch_engines: dict[str, str]) -> Iterator[Server]:
@@ -243,9 +215,8 @@ def local_server(tmp_path_factory: pytest.TempPathFactory,
     config = {"database_url": f"sqlite+aiosqlite:///{tmp}/batch.db",
               "storage": {"url": str(tmp / "files")}, "workers": 2, "lease": 5,
               "max_batch_file_bytes": "8MiB", "max_file_bytes": "300MiB", **FAST}
-    server = start_server(tmp, config, batch_engines, tmp / "files")
-    yield server
-    stop(server.proc)
+    with Server(tmp, config, batch_engines, tmp / "files") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -255,9 +226,8 @@ def s3pg_server(tmp_path_factory: pytest.TempPathFactory, batch_engines: dict[st
     tmp = tmp_path_factory.mktemp("s3pg-server")
     config = {"database_url": PG_URL, "database_schema": pg_schemas(), "storage": s3.storage(),
               "workers": 2, "lease": 5, **FAST}
-    server = start_server(tmp, config, batch_engines, None)
-    yield server
-    stop(server.proc)
+    with Server(tmp, config, batch_engines, None) as server:
+        yield server
 
 
 # helpers ------------------------------------------------------------------------------
@@ -276,14 +246,8 @@ def chat_line(custom_id: str, model: str = "chat-model", **body: Any) -> dict[st
 
 def wait_batch(client: openai.OpenAI, batch_id: str, timeout: float = 30,
                until: tuple[str, ...] = TERMINAL) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in until:
-            return batch
-        if time.monotonic() > deadline:
-            raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s")
-        time.sleep(0.05)
+    return wait_until(lambda: (b := client.batches.retrieve(batch_id)).status in until and b,
+                      timeout, f"batch {batch_id} is {' or '.join(until)}", interval=0.05)
 
 
 def read_lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -311,11 +275,11 @@ async def submit(service: BatchService, lines: list[Any], tenant: str | None = N
 
 
 async def finished(service: BatchService, batch_id: str, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while (batch := await service.get_batch(None, batch_id))["status"] not in TERMINAL:
-        assert time.monotonic() < deadline, batch
-        await asyncio.sleep(0.05)
-    return batch
+    async def ended() -> dict | None:
+        batch = await service.get_batch(None, batch_id)
+        return batch if batch["status"] in TERMINAL else None
+
+    return await eventually(ended, timeout, f"batch {batch_id} ends", interval=0.05)
 
 
 async def lines_of(service: BatchService, file_id: str | None) -> list[dict]:

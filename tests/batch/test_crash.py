@@ -19,13 +19,11 @@ from tests.batch.conftest import (
     chat_line,
     engine_requests,
     finished,
-    kill9,
     lines_of,
-    spawn,
     submit,
     write_spec,
 )
-from tests.conftest import stop
+from tests.harness import Process, eventually, log_line, python_m, start_all, stop_all
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -47,19 +45,21 @@ async def control(tmp_path: Path, db_config: dict[str, Any]) -> AsyncIterator[Ba
     await service.close()
 
 
-def start_worker(tmp: Path, service: BatchService, engines: dict[str, str], name: str,
-                 workers: int = 1) -> Any:
+def worker(tmp: Path, service: BatchService, engines: dict[str, str], name: str,
+           workers: int = 1) -> Process:
+    """A batch worker process on the service's database and files (not started): ready
+    once it logs that it runs."""
     config = service.config.model_dump(mode="json")
     config["storage"]["secret_access_key"] = config["storage"]["session_token"] = None
     spec = write_spec(tmp / f"worker-{name}.json", config, engines, workers)
-    return spawn(["-m", "tests.batch.server", "worker", str(spec)], tmp / f"worker-{name}.log")
+    return Process(python_m("tests.batch.server", "worker", str(spec)),
+                   tmp / f"worker-{name}.log", ready=log_line("batch worker running"),
+                   name=f"batch worker {name}")
 
 
-async def wait_log(path: Path, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and text in path.read_text()):
-        assert time.monotonic() < deadline, f"{path.name} never said {text!r}"
-        await asyncio.sleep(0.05)
+async def start(*workers: Process) -> None:
+    """Start them off the event loop (the control service keeps running on it)."""
+    await asyncio.to_thread(start_all, workers)
 
 
 async def test_kill_9_mid_batch_then_resume(control: BatchService, tmp_path: Path,
@@ -67,21 +67,25 @@ async def test_kill_9_mid_batch_then_resume(control: BatchService, tmp_path: Pat
     tag = f"kill-{secrets.token_hex(3)}-"
     lines = [chat_line(f"{tag}{i}", model="slow-model") for i in range(28)]
     batch_id = await submit(control, lines)
-    first = start_worker(tmp_path, control, batch_engines, "first")
+    first = worker(tmp_path, control, batch_engines, "first")
     try:
-        deadline = time.monotonic() + 20
-        while (await control.get_batch(None, batch_id))["request_counts"]["completed"] < 8:
-            assert time.monotonic() < deadline, (tmp_path / "worker-first.log").read_text()
-            await asyncio.sleep(0.05)
+        await start(first)
+
+        async def eight_done() -> bool:
+            batch = await control.get_batch(None, batch_id)
+            return batch["request_counts"]["completed"] >= 8
+
+        await eventually(eight_done, 20, "the first worker completes 8 lines", interval=0.05)
     finally:
-        kill9(first)
+        first.kill()  # kill -9, mid-batch
     committed = {f"{tag}{line - 1}" for line in await control.db.done_lines(batch_id)}
     killed_at = time.time()
-    second = start_worker(tmp_path, control, batch_engines, "second")
+    second = worker(tmp_path, control, batch_engines, "second")
     try:
+        await start(second)
         done = await finished(control, batch_id, timeout=30)
     finally:
-        stop(second)
+        second.stop()
     assert done["status"] == "completed"
     assert done["request_counts"] == {"total": 28, "completed": 28, "failed": 0}
     output = await lines_of(control, done["output_file_id"])
@@ -102,19 +106,16 @@ async def test_kill_9_mid_batch_then_resume(control: BatchService, tmp_path: Pat
 async def test_two_workers_never_run_the_same_line(control: BatchService, tmp_path: Path,
                                                    batch_engines: dict[str, str]) -> None:
     tag = f"pair-{secrets.token_hex(3)}-"
-    workers = [start_worker(tmp_path, control, batch_engines, f"w{i}", workers=2)
-               for i in range(2)]
+    workers = [worker(tmp_path, control, batch_engines, f"w{i}", workers=2) for i in range(2)]
     try:
-        for i in range(2):  # both up before any batch exists, so both get some
-            await wait_log(tmp_path / f"worker-w{i}.log", "batch worker running")
+        await start(*workers)  # both up before any batch exists, so both get some
         batches = {}
         for b in range(4):
             lines = [chat_line(f"{tag}{b}-{i}", model="slow-model") for i in range(10)]
             batches[await submit(control, lines)] = lines
         results = [await finished(control, batch_id, timeout=30) for batch_id in batches]
     finally:
-        for proc in workers:
-            stop(proc)
+        stop_all(workers)
     for done in results:
         assert done["status"] == "completed" and done["request_counts"]["completed"] == 10
         output = await lines_of(control, done["output_file_id"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from tests.batch.conftest import (
     wait_batch,
 )
 from tests.batch.dispatcher import EngineDispatcher, build
+from tests.harness import wait_until
 
 Make = Callable[..., Awaitable[tuple[BatchService, EngineDispatcher]]]
 
@@ -81,12 +81,10 @@ def test_cancel_stops_dispatching_and_keeps_partial_results(local_server: Server
     client = local_server.client()
     lines = [chat_line(f"cancel-{i}", model="slow-model") for i in range(24)]
     batch_id = _submit_http(local_server, lines)
-    running = wait_batch(client, batch_id, until=("in_progress",))
-    deadline = time.monotonic() + 10
-    while running.request_counts.completed < 2:  # counts advance while it runs
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-        running = client.batches.retrieve(batch_id)
+    wait_batch(client, batch_id, until=("in_progress",))
+    running = wait_until(  # counts advance while it runs
+        lambda: (b := client.batches.retrieve(batch_id)).request_counts.completed >= 2 and b,
+        10, "two lines completed", interval=0.05)
     assert running.status == "in_progress" and running.usage.total_tokens > 0
     cancelling = client.batches.cancel(batch_id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at

@@ -53,15 +53,15 @@ def test_200_mb_upload_and_download_keep_memory_flat(local_server: Server,
             written += len(block)
     http = local_server.http()
     http.get("/v1/files")  # warm up the worker before the baseline
-    baseline = rss_kb(local_server.proc.pid)
-    with PeakRss(local_server.proc.pid) as up, path.open("rb") as f:
+    baseline = rss_kb(local_server.pid)
+    with PeakRss(local_server.pid) as up, path.open("rb") as f:
         made = http.post("/v1/files", files={"file": ("big.jsonl", f)},
                          data={"purpose": "user_data"}, timeout=120)
     assert made.status_code == 200, made.text
     assert made.json()["bytes"] == written
     got = hashlib.sha256()
     size = 0
-    with PeakRss(local_server.proc.pid) as down, http.stream(
+    with PeakRss(local_server.pid) as down, http.stream(
             "GET", f"/v1/files/{made.json()['id']}/content", timeout=120) as response:
         assert response.headers["content-length"] == str(written)
         for chunk in response.iter_bytes():

@@ -13,13 +13,7 @@ defaults (health checks every 200 ms, short cool-downs and backoff).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,74 +22,30 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Router, free_port, start_router, stop, wait_healthy
+from tests.harness import FakeEngine, free_port, running
 
 #: The model name the fake engines serve; public names map to it with ``backend_model``.
 ENGINE_MODEL = "fleet-model"
 CHAT = "/v1/chat/completions"
 
 
-class Engine:
-    """One fake engine process on a fixed port that survives restarts."""
+class Engine(FakeEngine):
+    """One fleet engine: serves ``ENGINE_MODEL``; its request counts are of chat requests
+    unless a path is given."""
 
     def __init__(self, name: str, logs: Path, *, latency_ms: float = 0,
                  port: int | None = None) -> None:
-        self.name = name
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = logs / f"engine-{name}-{self.port}.log"
-        self.default_latency_ms = latency_ms
-        self.latency_ms = latency_ms
-        self.proc: subprocess.Popen | None = None
+        port = port or free_port()
+        super().__init__("generate", [ENGINE_MODEL], logs / f"engine-{name}-{port}.log",
+                         port=port, latency_ms=latency_ms, name=name)
 
     def __repr__(self) -> str:
         return f"Engine({self.name} :{self.port})"
 
-    # -- process control ---------------------------------------------------------------------
-    def launch(self, latency_ms: float | None = None) -> None:
-        """Start the process; ``wait`` for it to answer."""
-        self.latency_ms = self.default_latency_ms if latency_ms is None else latency_ms
-        args = [sys.executable, "-m", "router.cli", "fake-engine", "--model", ENGINE_MODEL,
-                "--task", "generate", "--port", str(self.port),
-                "--latency-ms", str(self.latency_ms)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         start_new_session=True)
-
-    def wait(self, timeout: float = 30) -> None:
-        assert self.proc is not None
-        try:
-            wait_healthy(f"{self.url}/health", self.proc, timeout)
-        except RuntimeError:
-            raise RuntimeError(f"{self} failed to start:\n{self.log.read_text()[-3000:]}") from None
-
-    def start(self, latency_ms: float | None = None) -> None:
-        self.launch(latency_ms)
-        self.wait()
-
-    def kill(self) -> None:
-        """SIGKILL the process group: no goodbye to open connections."""
-        if self.proc is not None:
-            stop(self.proc, signal.SIGKILL)
-
-    def stop(self, grace: float = 1.0) -> None:
+    def stop(self, grace: float = 1.0) -> int | None:
         """SIGTERM (the engine stops accepting), then SIGKILL after ``grace`` seconds: under
         keep-alive load a Sanic engine would otherwise drain for its full 15 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def restart(self, latency_ms: float | None = None) -> None:
-        self.kill()
-        self.start(latency_ms)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return super().stop(grace)
 
     def restore(self) -> None:
         """Running with its default latency and an empty request log."""
@@ -103,15 +53,11 @@ class Engine:
             self.restart()
         self.reset()
 
-    # -- introspection -------------------------------------------------------------------
-    def requests(self, path: str = CHAT) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/_fake/requests", params={"path": path}, timeout=10).json()
+    def requests(self, path: str | None = CHAT) -> list[dict[str, Any]]:
+        return super().requests(path)
 
-    def count(self, path: str = CHAT) -> int:
-        return len(self.requests(path))
-
-    def reset(self) -> None:
-        httpx.post(f"{self.url}/_fake/reset", timeout=10).raise_for_status()
+    def count(self, path: str | None = CHAT) -> int:
+        return super().count(path)
 
 
 @dataclass
@@ -134,16 +80,8 @@ class Fleet:
 def fleet_procs(logs: Path) -> Iterator[Fleet]:
     fleet = Fleet([Engine(f"e{i}", logs) for i in range(3)],
                   Engine("slow", logs, latency_ms=200), Engine("hung", logs, latency_ms=60_000))
-    everyone = [*fleet.engines, fleet.slow, fleet.hung]
-    try:
-        for engine in everyone:
-            engine.launch()
-        for engine in everyone:
-            engine.wait()
+    with running([*fleet.engines, fleet.slow, fleet.hung], grace=1):
         yield fleet
-    finally:
-        for engine in everyone:
-            engine.kill()
 
 
 @pytest.fixture
@@ -180,29 +118,6 @@ def routes(models: dict[str, dict], **defaults: Any) -> str:
         merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged \
             else value
     return json.dumps({"defaults": merged, "models": models}, indent=2) + "\n"
-
-
-def rewrite(router: Router, text: str, timeout: float = 5.0) -> None:
-    """Replace the routes file (write to a temp file, rename) and wait until it is live."""
-    tmp = router.config.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, router.config)
-    router.wait_for_sha(hashlib.sha256(text.encode()).hexdigest(), timeout)
-
-
-@pytest.fixture
-def launch_router(tmp_path: Path) -> Iterator[Callable[[str], Router]]:
-    """Start a router on a routes text; stopped at the end of the test."""
-    started: list[Router] = []
-
-    def launch(text: str) -> Router:
-        router = start_router(tmp_path, text)
-        started.append(router)
-        return router
-
-    yield launch
-    for router in started:
-        stop(router.proc)
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -275,6 +190,23 @@ async def hammer(
     return outcomes
 
 
+async def under_load(action: Callable[[list[Outcome]], object], url: str, name: str, n: int,
+                     concurrency: int, latency_ms: int) -> list[Outcome]:
+    """Chat requests from ``concurrency`` workers, each answered by the engine after
+    ``latency_ms``, for as long as ``action(outcomes)`` runs in a thread and until ``n``
+    were sent; the outcomes (``action`` sees them arrive)."""
+    outcomes: list[Outcome] = []
+    stop = asyncio.Event()
+    load = asyncio.create_task(hammer(url, name, n, concurrency, until=stop, done=outcomes,
+                                      headers={"x-fake-latency-ms": str(latency_ms)}))
+    try:
+        await asyncio.to_thread(action, outcomes)
+    finally:
+        stop.set()
+        await load
+    return outcomes
+
+
 def failures(outcomes: list[Outcome]) -> list[Outcome]:
     return [o for o in outcomes if not o.ok]
 
@@ -283,36 +215,3 @@ def assert_no_failures(outcomes: list[Outcome], at_least: int) -> None:
     bad = failures(outcomes)
     assert not bad, f"{len(bad)} of {len(outcomes)} requests failed, e.g. {bad[:5]}"
     assert len(outcomes) >= at_least
-
-
-# -- the router's admin view ----------------------------------------------------------------
-
-def backends(router: Router, name: str) -> list[dict[str, Any]]:
-    return router.client.get("/admin/backends").json()[name]["backends"]
-
-
-def state_of(router: Router, name: str, engine: Engine) -> str:
-    (entry,) = [b for b in backends(router, name) if b["url"] == engine.url]
-    return entry["state"]
-
-
-def wait_healthy_backends(router: Router, *names: str, timeout: float = 5.0) -> None:
-    """Wait until every backend of the named models is healthy in the router's view (an
-    engine a previous test stopped is back, and the health checks have seen it)."""
-    def all_healthy() -> bool:
-        view = router.client.get("/admin/backends").json()
-        return all(b["state"] == "healthy" for n in names for b in view[n]["backends"])
-
-    wait_until(all_healthy, timeout, f"every backend of {', '.join(names)} is healthy")
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what} (last: {value!r})")
-        time.sleep(interval)

@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Router, free_port, start_router, stop
 from tests.fleet.conftest import (
     CHAT,
     Engine,
@@ -20,12 +19,10 @@ from tests.fleet.conftest import (
     Outcome,
     chat_body,
     model,
-    rewrite,
     routes,
     send,
-    wait_healthy_backends,
-    wait_until,
 )
+from tests.harness import Router, eventually, free_port, start_router, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +36,14 @@ def bp_router(fleet_procs: Fleet,
         "alive": model(fleet_procs[1]),
         "dead": model(f"http://127.0.0.1:{dead_port}"),
     })
-    router = start_router(tmp_path_factory.mktemp("backpressure"), text)
-    yield router, dead_port
-    stop(router.proc)
-
-
-async def _until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.01)
+    with start_router(tmp_path_factory.mktemp("backpressure"), text) as router:
+        yield router, dead_port
 
 
 async def test_queue_then_429_with_retry_after(bp_router: tuple[Router, int], fleet: Fleet) -> None:
     router, _ = bp_router
     engine = fleet[0]
-    wait_healthy_backends(router, "queued")
+    router.wait_healthy_backends("queued")
 
     async with httpx.AsyncClient(base_url=router.url, timeout=30) as admin, \
             httpx.AsyncClient(timeout=30) as client:
@@ -68,9 +57,9 @@ async def test_queue_then_429_with_retry_after(bp_router: tuple[Router, int], fl
 
         # A slow request holds the only slot for 1.5 s.
         holder = asyncio.create_task(timed({"x-fake-latency-ms": "1500"}))
-        await _until(lambda: cluster("in_flight", 1), 5, "the slow request holds the slot")
+        await eventually(lambda: cluster("in_flight", 1), 5, "the slow request holds the slot")
         queued = [asyncio.create_task(timed()) for _ in range(2)]
-        await _until(lambda: cluster("queued", 2), 5, "two requests wait in the queue")
+        await eventually(lambda: cluster("queued", 2), 5, "two requests wait in the queue")
 
         # One more than the queue holds: 429 at once (the queued ones are still waiting).
         sdk = openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
@@ -97,9 +86,9 @@ async def test_queue_then_429_with_retry_after(bp_router: tuple[Router, int], fl
 
         # A queued request that gets the slot within the timeout succeeds.
         holder = asyncio.create_task(timed({"x-fake-latency-ms": "250"}))
-        await _until(lambda: cluster("in_flight", 1), 5, "the slow request holds the slot")
+        await eventually(lambda: cluster("in_flight", 1), 5, "the slow request holds the slot")
         waiter = asyncio.create_task(timed())
-        await _until(lambda: cluster("queued", 1), 5, "the request waits in the queue")
+        await eventually(lambda: cluster("queued", 1), 5, "the request waits in the queue")
         (_, first), (elapsed, second) = await asyncio.gather(holder, waiter)
         assert first.ok and second.ok, (first, second)
         assert engine.count() == 3
@@ -108,7 +97,7 @@ async def test_queue_then_429_with_retry_after(bp_router: tuple[Router, int], fl
 def test_no_healthy_backend_is_503_and_ready_names_the_model(
         bp_router: tuple[Router, int], fleet: Fleet, logs: Path) -> None:
     router, dead_port = bp_router
-    wait_healthy_backends(router, "alive")
+    router.wait_healthy_backends("alive")
 
     def not_ready() -> dict | None:
         r = router.client.get("/ready")
@@ -154,7 +143,7 @@ async def test_a_slot_freed_by_a_request_from_before_a_reload_goes_to_the_queue(
 
         holder = asyncio.create_task(timed({"x-fake-latency-ms": "2500"}))
         await asyncio.to_thread(wait_until, lambda: fleet[0].count() == 1, 5, "slot taken")
-        await asyncio.to_thread(rewrite, router, text(2))  # any change: a new snapshot
+        await asyncio.to_thread(router.rewrite, text(2))  # any change: a new snapshot
         assert not holder.done()
         waiter = asyncio.create_task(timed())
         (freed_at, first), (served_at, second) = await asyncio.gather(holder, waiter)

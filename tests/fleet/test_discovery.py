@@ -11,13 +11,13 @@ import asyncio
 import collections
 import json
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from router.reload import ConfigHolder
-from tests.fleet.conftest import CHAT, Fleet, backends, chat_body, routes
+from tests.fleet.conftest import CHAT, Fleet, chat_body, routes
+from tests.harness import eventually
 
 NAME = "pods.fleet.test"
 
@@ -37,13 +37,6 @@ class FakeDNS:
         if self.failing:
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in self.answers]
-
-
-async def _eventually(check, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the DNS refresh did not apply in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_dns_addresses_appear_get_traffic_and_vanish(tmp_path: Path,
@@ -79,7 +72,8 @@ async def test_dns_addresses_appear_get_traffic_and_vanish(tmp_path: Path,
     try:
         # Two pods appear: they get their share at once.
         dns.answers = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
-        await _eventually(lambda: hosts() == ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+        await eventually(lambda: hosts() == ["10.0.0.1", "10.0.0.2", "10.0.0.3"], 3,
+                         "the DNS refresh adds two pods")
         assert await spread(30) == {"10.0.0.1": 10, "10.0.0.2": 10, "10.0.0.3": 10}
 
         # One vanishes while it has a request in flight: no new requests go to it, and the
@@ -89,7 +83,8 @@ async def test_dns_addresses_appear_get_traffic_and_vanish(tmp_path: Path,
             cluster.release(held)
             held = await cluster.acquire(None, set())
         dns.answers = ["10.0.0.1", "10.0.0.3"]
-        await _eventually(lambda: hosts() == ["10.0.0.1", "10.0.0.3"])
+        await eventually(lambda: hosts() == ["10.0.0.1", "10.0.0.3"], 3,
+                         "the DNS refresh drops a pod")
         assert await spread(30) == {"10.0.0.1": 15, "10.0.0.3": 15}
         assert held.key not in holder.registry.by_key and held.transport.closed
         cluster.release(held)
@@ -98,7 +93,7 @@ async def test_dns_addresses_appear_get_traffic_and_vanish(tmp_path: Path,
         # A failed lookup keeps the last good answer.
         dns.failing = True
         lookups = dns.lookups
-        await _eventually(lambda: dns.lookups >= lookups + 3)
+        await eventually(lambda: dns.lookups >= lookups + 3, 3, "three more lookups")
         assert hosts() == ["10.0.0.1", "10.0.0.3"]
         assert await spread(4) == {"10.0.0.1": 2, "10.0.0.3": 2}
     finally:
@@ -118,6 +113,6 @@ def test_dns_backend_serves_end_to_end(launch_router, fleet: Fleet) -> None:
         assert r.status_code == 200, r.text
     assert engine.count() == 10
     assert {e["headers"]["host"] for e in engine.requests()} == {f"localhost:{engine.port}"}
-    entries = backends(router, "dns-model")
+    entries = router.backends("dns-model")
     assert f"127.0.0.1:{engine.port}" in [e["address"] for e in entries]
     assert all(e["url"] == f"http://localhost:{engine.port}" for e in entries)

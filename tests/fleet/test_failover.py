@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 
 import httpx
 
@@ -13,14 +12,13 @@ from tests.fleet.conftest import (
     Fleet,
     Outcome,
     assert_no_failures,
-    backends,
     chat_body,
     hammer,
     model,
     routes,
-    state_of,
-    wait_until,
+    under_load,
 )
+from tests.harness import eventually, wait_until
 
 
 async def test_killing_one_of_three_backends_loses_no_request(launch_router, fleet: Fleet) -> None:
@@ -32,8 +30,8 @@ async def test_killing_one_of_three_backends_loses_no_request(launch_router, fle
     at_kill: dict[str, int] = {}
 
     async def kill_when_busy() -> None:
-        while len(outcomes) < kill_after:
-            await asyncio.sleep(0.005)
+        await eventually(lambda: len(outcomes) >= kill_after, 30, f"{kill_after} answers",
+                         interval=0.005)
         at_kill["answered"] = len(outcomes)
         at_kill["victim"] = await asyncio.to_thread(victim.count)
         await asyncio.to_thread(victim.kill)  # SIGKILL with requests in flight on it
@@ -46,7 +44,7 @@ async def test_killing_one_of_three_backends_loses_no_request(launch_router, fle
     assert_no_failures(outcomes, total)
     assert len(outcomes) == total
     assert at_kill["victim"] > 0 and at_kill["answered"] <= total / 2, at_kill
-    wait_until(lambda: state_of(router, "fleet", victim) in ("unhealthy", "ejected"), 2,
+    wait_until(lambda: router.backend_state("fleet", victim.url) in ("unhealthy", "ejected"), 2,
                "the killed backend is out")
 
 
@@ -61,7 +59,7 @@ def test_a_hanging_backend_times_out_is_ejected_then_probed_back(launch_router,
         outlier_detection={"consecutive_failures": 2, "ejection": "3s"}))
 
     def entry() -> dict:
-        (found,) = [b for b in backends(router, "fleet") if b["url"] == hung.url]
+        (found,) = [b for b in router.backends("fleet") if b["url"] == hung.url]
         return found
 
     answers = []
@@ -101,37 +99,36 @@ async def test_a_flapping_backend_costs_no_request(launch_router, fleet: Fleet) 
     outlier = {"consecutive_failures": 2, "ejection": "500ms"}
     router = launch_router(routes({"fleet": model(*fleet)}, outlier_detection=outlier))
     flapper = fleet[2]
-    stop_load = asyncio.Event()
-    outcomes: list = []
+    watching = asyncio.Event()
     states: list[str] = []
 
     async def watch() -> None:
         async with httpx.AsyncClient(base_url=router.url, timeout=10) as client:
-            while not stop_load.is_set():
+            while not watching.is_set():
                 entries = (await client.get("/admin/backends")).json()["fleet"]["backends"]
                 (state,) = [b["state"] for b in entries if b["url"] == flapper.url]
                 if not states or states[-1] != state:
                     states.append(state)
                 await asyncio.sleep(0.02)
 
-    def flap() -> None:
+    def state() -> str:
+        return router.backend_state("fleet", flapper.url)
+
+    def flap(_outcomes: list[Outcome]) -> None:
         for how in ("kill", "stop", "kill"):
             wait_until(flapper.count, 5, "the backend takes traffic")
             getattr(flapper, how)()
-            time.sleep(0.3)
+            # Down until the router has seen it go (failed requests or health checks).
+            wait_until(lambda: state() != "healthy", 5, "the router takes the backend out")
             flapper.start()
-            wait_until(lambda: state_of(router, "fleet", flapper) == "healthy", 10,
-                       "the backend is healthy again")
+            wait_until(lambda: state() == "healthy", 10, "the backend is healthy again")
         wait_until(flapper.count, 5, "the backend takes traffic")
 
-    load = asyncio.create_task(hammer(router.url, "fleet", 300, 6, until=stop_load,
-                                      done=outcomes, headers={"x-fake-latency-ms": "40"}))
     watcher = asyncio.create_task(watch())
     try:
-        await asyncio.to_thread(flap)
+        outcomes = await under_load(flap, router.url, "fleet", 300, 6, latency_ms=40)
     finally:
-        stop_load.set()
-        await load
+        watching.set()
         await watcher
     assert_no_failures(outcomes, 300)
     downs = sum(1 for a, b in itertools.pairwise(states)

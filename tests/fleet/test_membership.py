@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 
-from tests.conftest import Router
 from tests.fleet.conftest import (
     CHAT,
     Fleet,
     Outcome,
     assert_no_failures,
     chat_body,
-    hammer,
     model,
-    rewrite,
     routes,
-    wait_until,
+    under_load,
 )
+from tests.harness import Router, wait_until
 
 
 def test_session_backend_leaving_moves_only_its_sessions(launch_router, fleet: Fleet) -> None:
@@ -41,13 +38,13 @@ def test_session_backend_leaving_moves_only_its_sessions(launch_router, fleet: F
     before = placement(router, 1)
     assert set(before.values()) == {"e0", "e1", "e2"}, before
 
-    rewrite(router, text(fleet.engines[:2]))  # e2 leaves the model
+    router.rewrite(text(fleet.engines[:2]))  # e2 leaves the model
     after = placement(router, 2)
     assert "e2" not in after.values()
     moved = {s for s in before if after[s] != before[s]}
     assert moved == {s for s in before if before[s] == "e2"}, (before, after)
 
-    rewrite(router, text(fleet.engines))  # and comes back: every session returns home
+    router.rewrite(text(fleet.engines))  # and comes back: every session returns home
     assert placement(router, 3) == before
 
 
@@ -62,24 +59,16 @@ async def test_reload_under_load_fails_no_request(launch_router, fleet: Fleet) -
         routes({"fleet": model(e2, e1, policy="least_request")}),            # reorder, policy
     ]
     router = launch_router(versions[0])
-    outcomes: list[Outcome] = []
-    stop_load = asyncio.Event()
 
-    def reload_all() -> None:
+    def reload_all(outcomes: list[Outcome]) -> None:
         for text in versions[1:]:
             seen = len(outcomes)
             wait_until(lambda seen=seen: len(outcomes) >= seen + 30, 10, "requests flow")
-            rewrite(router, text)
+            router.rewrite(text)
         wait_until(lambda: len(outcomes) >= 300, 20, "300 requests")
 
     # 30 ms per request: every reload finds requests in flight, on removed backends too.
-    load = asyncio.create_task(hammer(router.url, "fleet", 300, 8, until=stop_load,
-                                      done=outcomes, headers={"x-fake-latency-ms": "30"}))
-    try:
-        await asyncio.to_thread(reload_all)
-    finally:
-        stop_load.set()
-        await load
+    outcomes = await under_load(reload_all, router.url, "fleet", 300, 8, latency_ms=30)
     assert_no_failures(outcomes, 300)
     reloads = router.admin()["reloads"]
     assert (reloads["ok"], reloads["error"]) == (5, 0), reloads

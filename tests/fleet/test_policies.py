@@ -16,18 +16,16 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.conftest import Router, start_router, stop
 from tests.fleet.conftest import (
     Fleet,
     assert_no_failures,
-    backends,
     chat_body,
     hammer,
     model,
     routes,
     send,
-    wait_healthy_backends,
 )
+from tests.harness import Router, start_router
 
 PREFIX_CHARS = 200
 LOAD_FACTOR = 1.25
@@ -44,15 +42,14 @@ def policy_router(fleet_procs: Fleet, tmp_path_factory: pytest.TempPathFactory) 
         "prefix-model": model(*e, policy="prefix",
                               prefix={"chars": PREFIX_CHARS, "load_factor": LOAD_FACTOR}),
     })
-    router = start_router(tmp_path_factory.mktemp("policies"), text)
-    yield router
-    stop(router.proc)
+    with start_router(tmp_path_factory.mktemp("policies"), text) as router:
+        yield router
 
 
 @pytest.fixture
 def router(policy_router: Router, fleet: Fleet) -> Router:
     """The policies router, with every engine up in its view."""
-    wait_healthy_backends(policy_router, "rr-model", "lr-model")
+    policy_router.wait_healthy_backends("rr-model", "lr-model")
     return policy_router
 
 
@@ -209,4 +206,4 @@ async def test_prefix_bounded_load_spills_a_hot_prefix(router: Router, fleet: Fl
     assert counts[owner.name] < 0.6 * total, counts  # but the bound spilled the excess
     # The owner ran at its bound: without the rule it would hold all 12 at once.
     assert peak[owner.url] >= math.ceil(LOAD_FACTOR * concurrency / 3) - 1, dict(peak)
-    assert {e["state"] for e in backends(router, "prefix-model")} == {"healthy"}
+    assert {e["state"] for e in router.backends("prefix-model")} == {"healthy"}

@@ -10,15 +10,14 @@ backend in turn.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Router
 from tests.fleet.conftest import Engine, Fleet, model, routes
+from tests.harness import Router, wait_until
 
 RESPONSES = "/v1/responses"
 #: The catalog's paths, named so docs/supported-apis.md lists this file for them.
@@ -213,22 +212,18 @@ def test_retrievals_are_counted_but_not_their_tokens(
     for _ in range(3):
         sdk.responses.retrieve(made.id)
 
-    def samples() -> dict[str, float]:
-        text = httpx.get(f"{router.url}/metrics", timeout=10).text
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith(("routeyard_requests_total{", "routeyard_tokens_total{"))}
+    def sum_of(samples: dict, name: str, **labels: str) -> float:
+        return sum(v for (n, have), v in samples.items()
+                   if n == name and set(labels.items()) <= set(have))
 
-    deadline = time.monotonic() + 5  # metrics are flushed once a second
-    while True:
-        found = samples()
-        requests = sum(v for k, v in found.items()
-                       if k.startswith("routeyard_requests_total{") and 'model="m"' in k
-                       and 'group="responses"' in k and 'code="200"' in k)
-        if requests >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert requests == 4  # one create, three retrievals
-    output = sum(v for k, v in found.items()
-                 if k.startswith("routeyard_tokens_total{") and 'type="output"' in k)
+    def counted() -> dict | None:
+        # A scrape flushes this (only) worker first; a request is counted as it ends.
+        samples = router.scrape()
+        done = sum_of(samples, "routeyard_requests_total", model="m", group="responses")
+        return samples if done >= 4 else None
+
+    samples = wait_until(counted, 5, "the four requests are counted")
+    assert sum_of(samples, "routeyard_requests_total", model="m", group="responses",
+                  code="200") == 4  # one create, three retrievals
+    output = sum_of(samples, "routeyard_tokens_total", type="output")
     assert output == made.usage.output_tokens  # the create's tokens, not counted again

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-from urllib.parse import urlsplit
 
 import httpx
 
-from tests.fleet.conftest import CHAT, Fleet, chat_body, model, routes, wait_until
+from tests.fleet.conftest import CHAT, Fleet, chat_body, model, routes
+from tests.harness import wait_until
 
 
 def _refused(port: int) -> bool:
@@ -41,7 +40,7 @@ def _tokens(raw: bytes) -> list[str]:
 async def test_sigterm_lets_streams_finish_and_refuses_new_connections(
         launch_router, fleet: Fleet) -> None:
     router = launch_router(routes({"fleet": model(*fleet)}))
-    port = urlsplit(router.url).port
+    port = router.port
     n = 10
     started = [asyncio.Event() for _ in range(n)]
     # 15 tokens, 200 ms apart: each stream lasts about three seconds.
@@ -63,14 +62,14 @@ async def test_sigterm_lets_streams_finish_and_refuses_new_connections(
         streams = [asyncio.create_task(stream(i, client)) for i in range(n)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
 
-        os.kill(router.proc.pid, signal.SIGTERM)
+        router.signal(signal.SIGTERM)
         refused = await asyncio.to_thread(_refused_within, port, 1.0)
         in_flight = sum(not s.done() for s in streams)
         bodies = await asyncio.gather(*streams)
 
     for raw in bodies:  # every stream ran to its end
         assert len(_tokens(raw)) == 15
-    assert await asyncio.to_thread(router.proc.wait, 10) == 0
+    assert await asyncio.to_thread(router.wait, 10) == 0
     assert in_flight == n  # the refusal check below ran while all ten were still streaming
     assert refused, ("after SIGTERM the router still completes TCP handshakes on its port "
                      "(connections queue unserved) instead of refusing new connections")

@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.conftest import Router, start_router, stop
+from tests.harness import Router, start_router
 
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -79,9 +79,8 @@ def family_router(engines: dict[str, str], dead_port: int,
             "  m-tiny:\n    backends:\n"
             f"      - url: {engines['generate']}\n    endpoints: [messages]\n"
             "    backend_model: chat-model\n    max_body_size: 1KiB\n")
-    router = start_router(tmp_path_factory.mktemp("families"), text)
-    yield router
-    stop(router.proc)
+    with start_router(tmp_path_factory.mktemp("families"), text) as router:
+        yield router
 
 
 def test_anthropic_errors_carry_the_request_id(router: Router) -> None:

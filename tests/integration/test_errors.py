@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import openai
 import pytest
 
-from tests.conftest import Router
+from tests.conftest import routes_yaml
+from tests.harness import Router, wait_until
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 
@@ -75,21 +74,10 @@ def test_body_over_model_limit_is_413(router: Router) -> None:
     assert router.client.post("/v1/chat/completions", json=small).status_code == 200
 
 
-def test_body_over_router_limit_is_413(engines: dict, tmp_path) -> None:
-    import os
-
-    from tests.conftest import routes_yaml, start_router, stop
-
-    os.environ["ROUTEYARD_MAX_REQUEST_SIZE"] = "4096"
-    try:
-        r = start_router(tmp_path, routes_yaml(engines))
-    finally:
-        del os.environ["ROUTEYARD_MAX_REQUEST_SIZE"]
-    try:
-        big = {"model": "chat-model", "messages": [{"role": "user", "content": "x" * 10000}]}
-        error_of(r.client.post("/v1/chat/completions", json=big), 413)
-    finally:
-        stop(r.proc)
+def test_body_over_router_limit_is_413(engines: dict, launch_router) -> None:
+    r = launch_router(routes_yaml(engines), env={"ROUTEYARD_MAX_REQUEST_SIZE": "4096"})
+    big = {"model": "chat-model", "messages": [{"role": "user", "content": "x" * 10000}]}
+    error_of(r.client.post("/v1/chat/completions", json=big), 413)
 
 
 def test_unknown_path_is_404(router: Router) -> None:
@@ -144,10 +132,11 @@ def test_router_errors_carry_the_request_id(router: Router) -> None:
 
 def test_ready_scopes(router: Router) -> None:
     """dead-model has no backend up: plain /ready is 503 naming it, the scopes are not."""
-    deadline = time.monotonic() + 15
-    while (r := router.client.get("/ready")).status_code != 503:
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.2)
+    def not_ready() -> httpx.Response | None:
+        r = router.client.get("/ready")
+        return r if r.status_code == 503 else None
+
+    r = wait_until(not_ready, 15, "/ready turns 503 once dead-model fails its checks")
     assert "dead-model" in r.json()["models_without_backend"]
     assert router.client.get("/ready", params={"models": "any"}).status_code == 200
     assert router.client.get("/ready", params={"models": "none"}).status_code == 200

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Router, start_router, stop
+from tests.harness import Router, start_router
 
 CHAT = "/v1/chat/completions"
 BODY = b'{"model":"raw-model","messages":[]}'
@@ -95,9 +95,8 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Router, RawB
     tmp: Path = tmp_path_factory.mktemp("raw")
     text = ("models:\n  raw-model:\n    backends:\n"
             f"      - url: http://127.0.0.1:{backend.port}\n    endpoints: [chat]\n")
-    router = start_router(tmp, text)
-    yield router, backend
-    stop(router.proc)
+    with start_router(tmp, text) as router:
+        yield router, backend
     backend.close()
 
 

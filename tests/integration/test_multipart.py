@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Router, routes_yaml, start_router, stop
+from tests.conftest import routes_yaml
+from tests.harness import Router, start_router
 from tests.payloads import WAV
 
 RENAMED = ("  renamed-whisper:\n    backends:\n      - url: {url}\n"
@@ -21,7 +22,7 @@ def audio_router(engines: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     extra = RENAMED.format(url=engines["transcription"])
     r = start_router(tmp_path_factory.mktemp("multipart"), routes_yaml(engines, extra))
     yield r
-    stop(r.proc)
+    r.stop()
 
 
 def _form(*fields: tuple[str, str], audio: bytes = WAV, quote: bool = True) -> bytes:

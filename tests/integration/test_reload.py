@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -12,11 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Router, routes_yaml, start_router, stop
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+from tests.conftest import routes_yaml
+from tests.harness import Router, sha256, start_router, wait_until
 
 
 def with_model(engines: dict, name: str) -> str:
@@ -30,17 +26,15 @@ def assert_serves(router: Router, model: str) -> None:
 
 
 @pytest.fixture
-def live(engines: dict, tmp_path: Path):
-    router = start_router(tmp_path, routes_yaml(engines))
-    yield router
-    stop(router.proc)
+def live(engines: dict, launch_router) -> Router:
+    return launch_router(routes_yaml(engines))
 
 
 def test_in_place_write(live: Router, engines: dict) -> None:
     new = with_model(engines, "added-in-place")
     with live.config.open("w") as f:
         f.write(new)
-    assert live.wait_for_sha(sha(new)) < 2
+    assert live.wait_for_sha(sha256(new)) < 2
     assert_serves(live, "added-in-place")
 
 
@@ -49,7 +43,7 @@ def test_write_temp_then_rename(live: Router, engines: dict) -> None:
     tmp = live.config.with_suffix(".tmp")
     tmp.write_text(new)
     os.replace(tmp, live.config)
-    assert live.wait_for_sha(sha(new)) < 2
+    assert live.wait_for_sha(sha256(new)) < 2
     assert_serves(live, "added-by-rename")
 
 
@@ -68,52 +62,54 @@ def test_kubernetes_configmap_symlink_swap(engines: dict, tmp_path: Path) -> Non
     volume.mkdir()
     _configmap_dir(volume, "2026_11_28_v1", routes_yaml(engines))
     (volume / "routes.yaml").symlink_to("..data/routes.yaml")
-    router = start_router(tmp_path, "", config=volume / "routes.yaml")
-    try:
+    with start_router(tmp_path, "", config=volume / "routes.yaml") as router:
         new = with_model(engines, "added-by-configmap")
         _configmap_dir(volume, "2026_11_28_v2", new)
-        assert router.wait_for_sha(sha(new)) < 2
+        assert router.wait_for_sha(sha256(new)) < 2
         assert_serves(router, "added-by-configmap")
-    finally:
-        stop(router.proc)
 
 
 def test_invalid_edit_is_refused_and_old_config_keeps_serving(live: Router, engines) -> None:
     good = live.config_sha()
     bad = routes_yaml(engines) + "  broken-model:\n    backends: []\n    endpoints: [chat]\n"
     live.config.write_text(bad)
-    deadline = time.monotonic() + 3
-    while live.admin()["reloads"]["error"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    admin = live.admin()
+    admin = wait_until(lambda: (a := live.admin())["reloads"]["error"] and a, 3,
+                       "the router refuses the edit")
     assert admin["sha256"] == good
     line = bad.splitlines().index("    backends: []") + 1
     assert f"routes.yaml:{line}:" in admin["last_error"]
-    assert f"routes.yaml:{line}:" in live.log.read_text()
+    assert f"routes.yaml:{line}:" in live.log_text()
     assert_serves(live, "chat-model")
     fixed = with_model(engines, "after-fix")
     live.config.write_text(fixed)
-    live.wait_for_sha(sha(fixed))
+    live.wait_for_sha(sha256(fixed))
     assert live.admin()["last_error"] is None
 
 
 def test_stream_in_flight_finishes_on_its_config(live: Router, engines, fake_only) -> None:
     result: dict = {}
+    streaming = threading.Event()
 
     def stream() -> None:
         body = {"model": "chat-model", "messages": [{"role": "user", "content": "a"}],
                 "stream": True, "max_tokens": 20}
+        # 20 tokens 100 ms apart: about two seconds, a reload takes a few hundred ms.
         with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=30,
-                          headers={"x-fake-token-delay-ms": "50", "x-fake-tokens": "20"}) as r:
-            result["text"] = b"".join(r.iter_raw()).decode()
+                          headers={"x-fake-token-delay-ms": "100", "x-fake-tokens": "20"}) as r:
+            chunks = []
+            for chunk in r.iter_raw():
+                chunks.append(chunk)
+                streaming.set()
+            result["text"] = b"".join(chunks).decode()
 
     thread = threading.Thread(target=stream)
     thread.start()
-    time.sleep(0.3)
+    assert streaming.wait(10), "the stream never started"
     # The new config drops chat-model entirely.
     new = with_model(engines, "other").replace("  chat-model:", "  renamed-chat:")
     live.config.write_text(new)
-    live.wait_for_sha(sha(new))
+    live.wait_for_sha(sha256(new))
+    assert thread.is_alive(), "the stream ended before the reload: nothing was in flight"
     thread.join(10)
     events = [e for e in result["text"].split("\n\n") if e.strip()]
     assert len(events) >= 22  # role chunk, 20 token chunks, [DONE]
@@ -123,49 +119,52 @@ def test_stream_in_flight_finishes_on_its_config(live: Router, engines, fake_onl
     assert r.status_code == 404
 
 
-def test_sighup_reloads(engines: dict, tmp_path: Path) -> None:
-    os.environ["ROUTEYARD_WATCH"] = "false"
-    try:
-        router = start_router(tmp_path, routes_yaml(engines))
-    finally:
-        del os.environ["ROUTEYARD_WATCH"]
-    try:
-        new = with_model(engines, "added-by-sighup")
-        router.config.write_text(new)
-        time.sleep(0.5)
-        assert router.config_sha() != sha(new)  # nothing watches the file here
-        os.kill(router.proc.pid, signal.SIGHUP)
-        router.wait_for_sha(sha(new))
-        assert_serves(router, "added-by-sighup")
-    finally:
-        stop(router.proc)
+def test_sighup_reloads(engines: dict, launch_router) -> None:
+    text = routes_yaml(engines)
+    router = launch_router(text, env={"ROUTEYARD_WATCH": "false"})
+    # A watching router on the same file: it shows when a watcher would have seen the edit.
+    watching = launch_router("", config=router.config)
+    new = with_model(engines, "added-by-sighup")
+    router.config.write_text(new)
+    watching.wait_for_sha(sha256(new))
+    assert router.config_sha() == sha256(text)  # nothing watches the file here
+    assert router.admin()["reloads"] == {"ok": 0, "error": 0, "unchanged": 0}
+    router.signal(signal.SIGHUP)
+    router.wait_for_sha(sha256(new))
+    assert_serves(router, "added-by-sighup")
 
 
 def _every_worker_serves(router: Router, expected: str) -> None:
-    deadline = time.monotonic() + 3
-    while True:
-        seen = {httpx.get(f"{router.url}/admin/config",
-                          headers={"connection": "close"}).json()["sha256"] for _ in range(30)}
-        if seen == {expected}:
-            return
-        assert time.monotonic() < deadline, f"workers still on {seen}"
-        time.sleep(0.05)
+    wait_until(lambda: {router.fresh_admin()["sha256"] for _ in range(30)} == {expected}, 3,
+               "every worker serves the new config")
+
+
+def _every_watcher_armed(router: Router, text: str) -> None:
+    """Until each worker's watcher has reloaded the file once (unchanged): rewrite the
+    same text now and then, and tell the workers apart by ``loaded_at``."""
+    unchanged: dict[float, int] = {}
+    writes: list[float] = []
+
+    def armed() -> bool:
+        if not writes or time.monotonic() - writes[-1] > 0.5:
+            router.config.write_text(text)
+            writes.append(time.monotonic())
+        view = router.fresh_admin()
+        unchanged[view["loaded_at"]] = view["reloads"]["unchanged"]
+        return len(unchanged) == router.workers and all(unchanged.values())
+
+    wait_until(armed, 10, "every worker's watcher reloads an unchanged file")
 
 
 @pytest.mark.parametrize("trigger", ["watch", "sighup"])
-def test_every_worker_reloads(engines: dict, tmp_path: Path, trigger: str) -> None:
+def test_every_worker_reloads(engines: dict, launch_router, trigger: str) -> None:
+    text = routes_yaml(engines)
+    env = {"ROUTEYARD_WATCH": "false"} if trigger == "sighup" else {}
+    router = launch_router(text, workers=2, env=env)  # ready: both workers answered
+    if trigger == "watch":
+        _every_watcher_armed(router, text)
+    new = with_model(engines, f"added-{trigger}")
+    router.config.write_text(new)
     if trigger == "sighup":
-        os.environ["ROUTEYARD_WATCH"] = "false"
-    try:
-        router = start_router(tmp_path, routes_yaml(engines), workers=2)
-    finally:
-        os.environ.pop("ROUTEYARD_WATCH", None)
-    try:
-        time.sleep(1)  # both workers up
-        new = with_model(engines, f"added-{trigger}")
-        router.config.write_text(new)
-        if trigger == "sighup":
-            os.kill(router.proc.pid, signal.SIGHUP)
-        _every_worker_serves(router, sha(new))
-    finally:
-        stop(router.proc)
+        router.signal(signal.SIGHUP)
+    _every_worker_serves(router, sha256(new))

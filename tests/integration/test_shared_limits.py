@@ -14,7 +14,8 @@ import pytest
 
 from router.tenants.config import hash_key
 from router.tenants.limits import estimate_tokens
-from tests.conftest import routes_yaml, start_router, stop
+from tests.conftest import routes_yaml
+from tests.harness import Router, running
 
 KEY = "ry-shared-" + "s" * 40
 BODY = {"model": "chat-model", "prompt": "count me", "max_tokens": 10}
@@ -37,19 +38,16 @@ def two_routers(engines: dict, tmp_path: Path, request: pytest.FixtureRequest):
     limits = request.param
     auth = ("auth:\n  keys:\n    - id: shared\n"
             f"      hash: {hash_key(KEY)}\n      models: [chat-model]\n      limits: {limits}\n")
-    os.environ["ROUTEYARD_REDIS_URL"] = "redis://127.0.0.1:6379/0"
-    os.environ["ROUTEYARD_REDIS_PREFIX"] = f"routeyard-test:{uuid.uuid4().hex}:"
+    env = {"ROUTEYARD_REDIS_URL": "redis://127.0.0.1:6379/0",
+           "ROUTEYARD_REDIS_PREFIX": f"routeyard-test:{uuid.uuid4().hex}:"}
     routers = []
-    try:
-        for name in ("a", "b"):
-            directory = tmp_path / name
-            directory.mkdir()
-            routers.append(start_router(directory, routes_yaml(engines) + auth))
-    finally:
-        del os.environ["ROUTEYARD_REDIS_URL"], os.environ["ROUTEYARD_REDIS_PREFIX"]
-    yield routers
-    for router in routers:
-        stop(router.proc)
+    for name in ("a", "b"):
+        config = tmp_path / name / "routes.yaml"
+        config.parent.mkdir()
+        config.write_text(routes_yaml(engines) + auth)
+        routers.append(Router(config, env=env))
+    with running(routers):  # both start at once
+        yield routers
 
 
 async def _burst(urls: list[str], count: int) -> list[int]:

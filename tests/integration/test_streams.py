@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import httpx
 import orjson
 
-from tests.conftest import KINDS, Router
+from tests.conftest import KINDS
+from tests.harness import Router, wait_until
 
 CHAT = KINDS["chat"]
 
@@ -25,13 +25,8 @@ def test_client_disconnect_aborts_upstream(router: Router, engines: dict, fake_o
         chunks = r.iter_raw()
         next(chunks)
         next(chunks)
-    closed_at = time.monotonic()
-    while time.monotonic() - closed_at < 1.0:
-        aborted = httpx.get(engines["generate"] + "/_fake/aborted").json()
-        if request_id in aborted:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the engine did not see the abort within 1 s")
+    wait_until(lambda: request_id in httpx.get(engines["generate"] + "/_fake/aborted").json(),
+               1.0, "the engine sees the abort")
 
 
 def _sse_events(raw: bytes) -> list[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -11,7 +12,8 @@ import openai
 import pytest
 
 from router.tenants.config import hash_key
-from tests.conftest import Router, routes_yaml, start_router, stop
+from tests.conftest import routes_yaml
+from tests.harness import Router, sha256, start_router, wait_until
 
 KEY_A = "ry-team-a-" + "a" * 40
 KEY_B = "ry-team-b-" + "b" * 40
@@ -35,11 +37,15 @@ KEYS = [("team-a", KEY_A, '["chat-*", embed-model]', "{rpm: 1000}"),
         ("team-b", KEY_B, "[embed-model]", "{rpm: 3}")]
 
 
-@pytest.fixture
-def secured(engines: dict, tmp_path: Path):
-    router = start_router(tmp_path, routes_yaml(engines) + auth_yaml(KEYS, tmp_path))
-    yield router
-    stop(router.proc)
+@pytest.fixture(scope="module")
+def secured(engines: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    """One router for the module: only the rate limit test sends team-b requests that
+    count (model lists, refusals and batch calls do not), and the revocation test puts
+    the config back."""
+    tmp = tmp_path_factory.mktemp("secured")
+    text = routes_yaml(engines) + auth_yaml(KEYS, tmp)
+    with start_router(tmp, text, admin_key=KEY_ADMIN) as router:
+        yield router
 
 
 def sdk(router: Router, key: str) -> openai.OpenAI:
@@ -96,16 +102,19 @@ def test_admin_endpoints_need_the_admin_key(secured: Router) -> None:
     assert r.status_code == 200
 
 
-def test_revoked_key_stops_working_within_two_seconds(secured: Router, tmp_path: Path) -> None:
-    engines_text = secured.config.read_text().split("auth:")[0]
-    secured.config.write_text(engines_text + auth_yaml(KEYS[1:], tmp_path))
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        r = secured.client.get("/v1/models", headers={"authorization": f"Bearer {KEY_A}"})
-        if r.status_code == 401:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the revoked key still works after 2 s")
+def test_revoked_key_stops_working_within_two_seconds(secured: Router) -> None:
+    original = secured.config.read_text()
+    engines_text = original.split("auth:")[0]
+    secured.config.write_text(engines_text + auth_yaml(KEYS[1:], secured.config.parent))
+    try:
+        wait_until(lambda: secured.client.get("/v1/models", headers={
+            "authorization": f"Bearer {KEY_A}"}).status_code == 401, 2,
+            "the revoked key is refused")
+    finally:
+        secured.config.write_text(original)
+        secured.wait_for_sha(sha256(original), 5)  # the keys are back for the next tests
+    r = secured.client.get("/v1/models", headers={"authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 200
 
 
 def test_batch_through_the_router_with_tenant_isolation(secured: Router) -> None:
@@ -122,11 +131,8 @@ def test_batch_through_the_router_with_tenant_isolation(secured: Router) -> None
         b.batches.retrieve(batch.id)
     with pytest.raises(openai.NotFoundError):
         b.files.content(upload.id)
-    deadline = time.monotonic() + 30
-    while batch.status not in ("completed", "failed", "expired", "cancelled"):
-        assert time.monotonic() < deadline, batch
-        time.sleep(0.2)
-        batch = a.batches.retrieve(batch.id)
+    batch = wait_until(lambda: (b := a.batches.retrieve(batch.id)).status in (
+        "completed", "failed", "expired", "cancelled") and b, 30, f"batch {batch.id} ends")
     assert batch.status == "completed", batch.errors
     assert batch.request_counts.completed == 5
     out = [json.loads(x) for x in a.files.content(batch.output_file_id).text.splitlines()]
@@ -134,26 +140,17 @@ def test_batch_through_the_router_with_tenant_isolation(secured: Router) -> None
     assert all(o["response"]["status_code"] == 200 for o in out)
 
 
-def test_engine_api_key_replaces_the_client_key(engines: dict, tmp_path: Path, fake_only) -> None:
+def test_engine_api_key_replaces_the_client_key(engines: dict, launch_router, fake_only) -> None:
     """A backend's `api_key_env` is sent as the engine's key; the client's never is."""
-    import os
-
-    os.environ["TEST_ENGINE_KEY"] = "engine-secret"
-    try:
-        extra = ("  keyed-model:\n    backends:\n"
-                 f"      - url: {engines['generate']}\n        api_key_env: TEST_ENGINE_KEY\n"
-                 "    backend_model: chat-model\n    endpoints: [tokenize]\n")
-        router = start_router(tmp_path, routes_yaml(engines, extra))
-    finally:
-        del os.environ["TEST_ENGINE_KEY"]
-    try:
-        request_id = f"engine-key-{time.monotonic_ns()}"
-        r = router.client.post("/tokenize", json={"model": "keyed-model", "prompt": "a"},
-                               headers={"authorization": "Bearer client-key",
-                                        "x-request-id": request_id})
-        assert r.status_code == 200, r.text
-        seen = [x for x in httpx.get(engines["generate"] + "/_fake/requests").json()
-                if x["headers"].get("x-request-id") == request_id]
-        assert seen[0]["headers"]["authorization"] == "Bearer engine-secret"
-    finally:
-        stop(router.proc)
+    extra = ("  keyed-model:\n    backends:\n"
+             f"      - url: {engines['generate']}\n        api_key_env: TEST_ENGINE_KEY\n"
+             "    backend_model: chat-model\n    endpoints: [tokenize]\n")
+    router = launch_router(routes_yaml(engines, extra), env={"TEST_ENGINE_KEY": "engine-secret"})
+    request_id = f"engine-key-{time.monotonic_ns()}"
+    r = router.client.post("/tokenize", json={"model": "keyed-model", "prompt": "a"},
+                           headers={"authorization": "Bearer client-key",
+                                    "x-request-id": request_id})
+    assert r.status_code == 200, r.text
+    seen = [x for x in httpx.get(engines["generate"] + "/_fake/requests").json()
+            if x["headers"].get("x-request-id") == request_id]
+    assert seen[0]["headers"]["authorization"] == "Bearer engine-secret"

@@ -8,26 +8,23 @@ collector over OTLP exactly as they would at an OpenTelemetry Collector, metrics
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import secrets
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, Router, free_port, stop, wait_healthy
+from tests.harness import Router, free_port, start_router, wait_until
 
+#: Inherited variables a router under observation does not see: it gets only what the
+#: test sets.
+CLEAN_ENV = ("OTEL_", "ROUTEYARD_", "PROMETHEUS_")
 KIND_NAMES = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 
 
@@ -65,7 +62,7 @@ def _spans(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Span]:
 
 
 class Collector:
-    """Keeps every span it receives, in memory; ``wait_trace`` polls for a whole trace."""
+    """Keeps every span it receives, in memory; ``wait_trace`` waits for a whole trace."""
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
@@ -81,27 +78,26 @@ class Collector:
         with self.lock:
             return [s for s in self.spans if s.trace_id == trace_id]
 
-    def wait_trace(self, trace_id: str, count: int, timeout: float = 10) -> list[Span]:
-        """The spans of ``trace_id`` once ``count`` arrived (batches leave every 100 ms)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            spans = self.trace(trace_id)
-            if len(spans) >= count:
-                time.sleep(0.2)  # anything more would be a bug: let it show
-                return self.trace(trace_id)
-            time.sleep(0.05)
-        raise AssertionError(f"trace {trace_id}: {len(self.trace(trace_id))} spans, "
-                             f"expected {count} within {timeout}s")
+    def wait_trace(self, trace_id: str, count: int, router: Router,
+                   timeout: float = 10) -> list[Span]:
+        """The spans of ``trace_id`` once ``count`` arrived and a marker trace sent through
+        ``router`` after them arrived too (see ``settle``), so that a span more would show."""
+        wait_until(lambda: len(self.trace(trace_id)) >= count, timeout,
+                   f"{count} spans of trace {trace_id} arrive")
+        self.settle(router, timeout)
+        return self.trace(trace_id)
 
-    def find(self, predicate: Callable[[Span], bool], timeout: float = 10) -> Span:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                for span in self.spans:
-                    if predicate(span):
-                        return span
-            time.sleep(0.05)
-        raise AssertionError("no such span arrived")
+    def settle(self, router: Router, timeout: float = 10) -> None:
+        """Send a sampled marker request through ``router`` (one worker, ``obs-chat``) and
+        wait for its three spans: the worker's batch span processor exports spans in the
+        order they ended, one batch at a time, so every span of a request answered before
+        the marker was sent has arrived by then, or never will."""
+        trace_id = secrets.token_hex(16)
+        r = router.client.post("/v1/chat/completions", json={
+            "model": "obs-chat", "messages": [{"role": "user", "content": "marker"}]},
+            headers={"traceparent": traceparent(trace_id, secrets.token_hex(8))})
+        assert r.status_code == 200, r.text
+        wait_until(lambda: len(self.trace(trace_id)) >= 3, timeout, "the marker trace arrives")
 
 
 class _OtlpHttpHandler(BaseHTTPRequestHandler):
@@ -158,59 +154,6 @@ def otlp_grpc() -> Iterator[Collector]:
     server.stop(None)
 
 
-class ObservedRouter(Router):
-    """A router with the helpers the observability tests need."""
-
-    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """``GET /metrics`` parsed: (sample name, sorted labels) → value."""
-        response = httpx.get(f"{self.url}/metrics", timeout=10)
-        assert response.status_code == 200, response.text
-        samples = {}
-        for family in text_string_to_metric_families(response.text):
-            for s in family.samples:
-                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return samples
-
-    def access_lines(self) -> list[dict[str, Any]]:
-        lines = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{") and '"routeyard.access"' in line:
-                lines.append(json.loads(line))
-        return lines
-
-    def access_line(self, request_id: str, timeout: float = 5) -> dict[str, Any]:
-        """The access log line of ``request_id`` (lines are flushed every 100 ms)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.access_lines():
-                if line["request_id"] == request_id:
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"no access log line for {request_id} in {self.log}")
-
-
-def start_observed(tmp_path: Path, routes: str, env: dict[str, str], *,
-                   workers: int = 1) -> ObservedRouter:
-    """A router process with ``env`` on top of a clean environment (no inherited OTEL_*)."""
-    config = tmp_path / "routes.yaml"
-    config.write_text(routes)
-    port = free_port()
-    log = tmp_path / f"router-{port}.log"
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("OTEL_", "ROUTEYARD_", "PROMETHEUS_"))}
-    args = [sys.executable, "-m", "router.cli", "serve", "--config", str(config),
-            "--port", str(port), "--workers", str(workers)]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True, env={**base, **env})
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", proc)
-    except RuntimeError:
-        stop(proc)
-        raise RuntimeError(f"router failed to start:\n{log.read_text()[-3000:]}") from None
-    return ObservedRouter(f"http://127.0.0.1:{port}", config, proc, log)
-
-
 def chat_routes(engines: dict[str, str], extra: str = "",
                 health: str = "{enabled: false}") -> str:
     """A chat model on the shared fake engine (by default no health checks: no probe noise)."""
@@ -238,9 +181,8 @@ def engine_request(engines: dict[str, str], request_id: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def logged(engines: dict[str, str],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedRouter]:
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
     """The access log on (it is off by default), tracing off."""
-    router = start_observed(tmp_path_factory.mktemp("logged"), chat_routes(engines),
-                            {"ROUTEYARD_ACCESS_LOG": "true"})
-    yield router
-    stop(router.proc)
+    with start_router(tmp_path_factory.mktemp("logged"), chat_routes(engines),
+                      env={"ROUTEYARD_ACCESS_LOG": "true"}, drop_env=CLEAN_ENV) as router:
+        yield router

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import secrets
-import time
 
 import orjson
 
 from router.accesslog import ATOMIC_WRITE, _pieces
-from tests.conftest import Router
-from tests.observability.conftest import ObservedRouter, engine_request, traceparent
+from tests.harness import Router
+from tests.observability.conftest import CLEAN_ENV, chat_routes, engine_request, traceparent
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "log me"}]
 SECRET = "sk-do-not-log-" + secrets.token_hex(8)
 
 
-def test_line_carries_the_request_id_the_client_received(logged: ObservedRouter,
+def test_line_carries_the_request_id_the_client_received(logged: Router,
                                                          engines: dict[str, str]) -> None:
     trace_id = secrets.token_hex(16)
     r = logged.client.post(CHAT, json={"model": "obs-chat", "messages": MESSAGES}, headers={
@@ -39,10 +38,10 @@ def test_line_carries_the_request_id_the_client_received(logged: ObservedRouter,
     assert line["output_tokens"] == usage["completion_tokens"]
     assert line["retries"] == 0 and line["client"] == "127.0.0.1"
     assert line["time"].endswith("Z")
-    assert SECRET not in logged.log.read_text()
+    assert SECRET not in logged.log_text()
 
 
-def test_streams_and_errors_are_logged_with_their_ids(logged: ObservedRouter) -> None:
+def test_streams_and_errors_are_logged_with_their_ids(logged: Router) -> None:
     body = {"model": "obs-chat", "messages": MESSAGES, "stream": True,
             "stream_options": {"include_usage": True}}
     with logged.client.stream("POST", CHAT, json=body, headers={"x-fake-tokens": "6"}) as r:
@@ -62,7 +61,7 @@ def test_streams_and_errors_are_logged_with_their_ids(logged: ObservedRouter) ->
 
 
 def test_a_refused_request_gets_the_same_id_in_the_log_and_the_answer(
-        logged: ObservedRouter) -> None:
+        logged: Router) -> None:
     r = logged.client.post("/v1/embeddings", json={"model": "obs-chat", "input": "x"})
     assert r.status_code == 403
     line = logged.access_line(r.headers["x-request-id"])
@@ -79,9 +78,12 @@ def test_batches_are_cut_at_line_ends_into_atomic_writes() -> None:
     assert _pieces(b"short\n") == [b"short\n"]
 
 
-def test_off_by_default(router: Router) -> None:
-    """The shared router runs with the defaults: no access log lines."""
-    r = router.client.post(CHAT, json={"model": "chat-model", "messages": MESSAGES})
+def test_off_by_default(engines: dict[str, str], launch_router) -> None:
+    """A router with the defaults (no ROUTEYARD_* set) writes no access log lines: not
+    even once it has stopped, when a worker writes out every line it holds."""
+    router = launch_router(chat_routes(engines), drop_env=CLEAN_ENV)
+    r = router.client.post(CHAT, json={"model": "obs-chat", "messages": MESSAGES})
     assert r.status_code == 200
-    time.sleep(0.3)  # longer than the flush interval
-    assert r.headers["x-request-id"] not in router.log.read_text()
+    assert router.stop() == 0  # a clean shutdown: the log is complete
+    assert router.access_lines() == []
+    assert r.headers["x-request-id"] not in router.log_text()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,59 +10,81 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, stop
-from tests.observability.conftest import ObservedRouter, chat_routes, start_observed
+from tests.harness import Router, Samples, free_port, start_router, wait_until
+from tests.observability.conftest import CLEAN_ENV, chat_routes
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "count me"}]
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 DEAD = f"http://127.0.0.1:{free_port()}"
 
 
 def _routes(engines: dict[str, str], comment: str = "") -> str:
-    extra = f"  obs-dead:\n    backends: [{{url: '{DEAD}'}}]\n    endpoints: [chat]\n"
+    extra = (f"  obs-dead:\n    backends: [{{url: '{DEAD}'}}]\n    endpoints: [chat]\n"
+             # refuses chat requests: the marker of _settled
+             f"  obs-marker:\n    backends: [{{url: {engines['generate']}}}]\n"
+             "    endpoints: [completions]\n")
     health = "{interval: 200ms, timeout: 200ms, unhealthy_threshold: 1}"
     return chat_routes(engines, extra, health) + comment
 
 
 @pytest.fixture(scope="module")
 def two_workers(engines: dict[str, str],
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedRouter]:
-    router = start_observed(tmp_path_factory.mktemp("metrics"), _routes(engines), {}, workers=2)
-    yield router
-    stop(router.proc)
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    """Ready once both workers answered (``Router.wait_workers``)."""
+    with start_router(tmp_path_factory.mktemp("metrics"), _routes(engines), workers=2,
+                      drop_env=CLEAN_ENV) as router:
+        yield router
 
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _settled(router: ObservedRouter, name: str, expected: float, *, before: Samples,
-             **labels: str) -> Samples:
-    """A scrape once ``name`` grew by ``expected`` (within 3 s), checked again a flush later
-    so that an overshoot would show."""
-    deadline = time.monotonic() + 3
-    while True:
+def _markers(samples: Samples) -> float:
+    """The marker requests counted: the only requests for ``obs-marker``."""
+    return sum(v for (name, labels), v in samples.items()
+               if name == "routeyard_requests_total" and ("model", "obs-marker") in labels)
+
+
+def _settled(router: Router) -> Samples:
+    """A scrape that shows all that every worker counted before this call.
+
+    The worker answering a scrape flushes first, the other one once a second. So a marker
+    request (refused: ``obs-marker`` serves no chat) goes to each worker on fresh
+    connections, each worker known by its request ids; once the scrape counts every
+    marker, each worker has flushed after everything it counted before its marker, and
+    an overshoot would show."""
+    counted = _markers(router.scrape())  # every earlier marker was counted before
+    workers: set[str] = set()
+    sent = 0
+
+    def each_worker_got_one() -> bool:
+        nonlocal sent
+        r = _fresh_connection_post(router, {"model": "obs-marker", "messages": MESSAGES})
+        assert r.status_code == 403, r.text
+        sent += 1
+        workers.add(r.headers["x-request-id"].rsplit("-", 1)[0])
+        return len(workers) == router.workers
+
+    wait_until(each_worker_got_one, 10, "a marker reaches each worker")
+
+    def all_markers() -> Samples | None:
         samples = router.scrape()
-        if _value(samples, name, **labels) - _value(before, name, **labels) >= expected:
-            break
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    time.sleep(1.1)
-    return router.scrape()
+        return samples if _markers(samples) - counted == sent else None
+
+    return wait_until(all_markers, 5, f"the scrape counts all {sent} markers")
 
 
-def _fresh_connection_post(router: ObservedRouter, body: dict, **headers: str) -> httpx.Response:
+def _fresh_connection_post(router: Router, body: dict, **headers: str) -> httpx.Response:
     """One request on a new connection, so the kernel spreads them over both workers."""
     with httpx.Client(base_url=router.url, timeout=30) as client:
         return client.post(CHAT, json=body, headers=headers)
 
 
 def test_counters_move_by_exactly_the_requests_sent_across_two_workers(
-        two_workers: ObservedRouter, engines: dict[str, str]) -> None:
+        two_workers: Router, engines: dict[str, str]) -> None:
     backend = engines["generate"]
     labels = {"model": "obs-chat", "group": "chat", "backend": backend}
     before = two_workers.scrape()
@@ -91,9 +111,7 @@ def test_counters_move_by_exactly_the_requests_sent_across_two_workers(
         prefixes.add(r.headers["x-request-id"].rsplit("-", 1)[0])
     assert len(prefixes) == 2, "both workers should have served requests (ids per process)"
 
-    # The worker that answers a scrape flushes first; the other one flushes every second.
-    after = _settled(two_workers, "routeyard_requests_total", n_ok, **labels, code="200",
-                     before=before)
+    after = _settled(two_workers)
 
     def delta(name: str, **extra: str) -> float:
         return _value(after, name, **extra) - _value(before, name, **extra)
@@ -112,15 +130,14 @@ def test_counters_move_by_exactly_the_requests_sent_across_two_workers(
     assert _value(after, "routeyard_backend_up", backend=backend) == 1
 
 
-def test_router_overhead_is_a_small_part_of_the_duration(two_workers: ObservedRouter,
+def test_router_overhead_is_a_small_part_of_the_duration(two_workers: Router,
                                                           engines: dict[str, str]) -> None:
     labels = {"model": "obs-chat", "group": "chat"}
     before = two_workers.scrape()
     for _ in range(4):
         _fresh_connection_post(two_workers, {"model": "obs-chat", "messages": MESSAGES},
                                **{"x-fake-latency-ms": "50"})
-    after = _settled(two_workers, "routeyard_router_overhead_seconds_count", 4, before=before,
-                     **labels)
+    after = _settled(two_workers)
 
     def delta(name: str, **extra: str) -> float:
         return _value(after, name, **extra) - _value(before, name, **extra)
@@ -133,21 +150,18 @@ def test_router_overhead_is_a_small_part_of_the_duration(two_workers: ObservedRo
     assert duration > 4 * 0.05 > overhead
 
 
-def test_backend_up_follows_the_health_checks(two_workers: ObservedRouter,
+def test_backend_up_follows_the_health_checks(two_workers: Router,
                                               engines: dict[str, str]) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    def dead_reported_down() -> Samples | None:
         samples = two_workers.scrape()
-        if _value(samples, "routeyard_backend_up", backend=DEAD) == 0 and \
-                ("routeyard_backend_up", (("backend", DEAD),)) in samples:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the dead backend was never reported down")
+        key = ("routeyard_backend_up", (("backend", DEAD),))
+        return samples if key in samples and samples[key] == 0 else None
+
+    samples = wait_until(dead_reported_down, 5, "the dead backend is reported down")
     assert _value(samples, "routeyard_backend_up", backend=engines["generate"]) == 1
 
 
-def test_names_and_types_follow_prometheus_conventions(two_workers: ObservedRouter) -> None:
+def test_names_and_types_follow_prometheus_conventions(two_workers: Router) -> None:
     text = httpx.get(f"{two_workers.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert all(name.startswith("routeyard_") for name in families)
@@ -171,22 +185,20 @@ def test_names_and_types_follow_prometheus_conventions(two_workers: ObservedRout
         assert families[name].type == kind, name
 
 
-def test_config_hash_and_reloads_follow_an_edit(two_workers: ObservedRouter,
+def test_config_hash_and_reloads_follow_an_edit(two_workers: Router,
                                                 engines: dict[str, str]) -> None:
     old = two_workers.client.get("/admin/config").json()["sha256"]
     before = two_workers.scrape()
     assert _value(before, "routeyard_config_info", sha256=old) == 1
     two_workers.config.write_text(_routes(engines, "# edited\n"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def both_reloaded() -> Samples | None:  # each worker reloads (and counts) for itself
         after = two_workers.scrape()
         ok = (_value(after, "routeyard_config_reloads_total", result="ok")
               - _value(before, "routeyard_config_reloads_total", result="ok"))
-        if ok == 2:  # each worker reloads (and counts) for itself
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("both workers did not count the reload")
+        return after if ok == 2 else None
+
+    after = wait_until(both_reloaded, 10, "both workers count the reload")
     new = two_workers.client.get("/admin/config").json()["sha256"]
     assert new != old
     assert _value(after, "routeyard_config_info", sha256=new) == 1
@@ -195,28 +207,22 @@ def test_config_hash_and_reloads_follow_an_edit(two_workers: ObservedRouter,
 
 def test_multiprocess_directory_is_made_per_run_and_removed(
         engines: dict[str, str], tmp_path: Path) -> None:
-    router = start_observed(tmp_path, chat_routes(engines), {}, workers=2)
-    try:
-        match = re.search(r"PROMETHEUS_MULTIPROC_DIR=(\S+)", router.log.read_text())
-        assert match, router.log.read_text()
+    with start_router(tmp_path, chat_routes(engines), workers=2, drop_env=CLEAN_ENV) as router:
+        match = router.find_log(r"PROMETHEUS_MULTIPROC_DIR=(\S+)")
+        assert match, router.log_text()
         path = Path(match.group(1))
         assert path.is_dir()
         assert router.client.post(CHAT, json={"model": "obs-chat",
                                               "messages": MESSAGES}).status_code == 200
         assert list(path.glob("*.db"))
-    finally:
-        stop(router.proc)
     assert not path.exists()
 
 
-def test_switches_off_metrics_and_access_log(engines: dict[str, str], tmp_path: Path) -> None:
-    router = start_observed(tmp_path, chat_routes(engines),
-                            {"ROUTEYARD_METRICS": "false", "ROUTEYARD_ACCESS_LOG": "false"})
-    try:
-        assert router.client.get("/metrics").status_code == 404
-        r = router.client.post(CHAT, json={"model": "obs-chat", "messages": MESSAGES})
-        assert r.status_code == 200
-        time.sleep(0.3)  # longer than the access log's flush interval
-        assert router.access_lines() == []
-    finally:
-        stop(router.proc)
+def test_switches_off_metrics_and_access_log(engines: dict[str, str], launch_router) -> None:
+    router = launch_router(chat_routes(engines), drop_env=CLEAN_ENV,
+                           env={"ROUTEYARD_METRICS": "false", "ROUTEYARD_ACCESS_LOG": "false"})
+    assert router.client.get("/metrics").status_code == 404
+    r = router.client.post(CHAT, json={"model": "obs-chat", "messages": MESSAGES})
+    assert r.status_code == 200
+    assert router.stop() == 0  # a clean shutdown: a worker writes out every line it holds
+    assert router.access_lines() == []

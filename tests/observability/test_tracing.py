@@ -3,11 +3,7 @@ CLIENT child per attempt whose context reaches the engine as ``traceparent``."""
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +12,13 @@ import pytest
 
 from router.tracing import exporter_names, otlp_protocol, tracing_wanted
 from router.usage import usage_of
-from tests.conftest import ROOT, Router, free_port, stop
+from tests.harness import Router, free_port, run_cli, start_router, wait_until
 from tests.observability.conftest import (
+    CLEAN_ENV,
     Collector,
-    ObservedRouter,
     Span,
     chat_routes,
     engine_request,
-    start_observed,
     traceparent,
 )
 
@@ -33,7 +28,7 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 
 @pytest.fixture(scope="module")
 def traced(engines: dict[str, str], otlp_http: Collector,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedRouter]:
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
     """Tracing on through the standard variables only, OTLP over HTTP/protobuf."""
     extra = (
         # the first backend refuses connections: a request there is retried on the second
@@ -55,9 +50,9 @@ def traced(engines: dict[str, str], otlp_http: Collector,
         "OTEL_SERVICE_NAME": "routeyard-under-test",
         "ROUTEYARD_ACCESS_LOG": "true",
     }
-    router = start_observed(tmp_path_factory.mktemp("traced"), chat_routes(engines, extra), env)
-    yield router
-    stop(router.proc)
+    with start_router(tmp_path_factory.mktemp("traced"), chat_routes(engines, extra), env=env,
+                      drop_env=CLEAN_ENV) as router:
+        yield router
 
 
 def _ids() -> tuple[str, str]:
@@ -69,13 +64,13 @@ def _by_kind(spans: list[Span], kind: str) -> list[Span]:
 
 
 def test_spans_continue_the_callers_trace_and_reach_the_engine(
-        traced: ObservedRouter, otlp_http: Collector, engines: dict[str, str]) -> None:
+        traced: Router, otlp_http: Collector, engines: dict[str, str]) -> None:
     trace_id, caller_span = _ids()
     r = traced.client.post(CHAT, json={"model": "obs-chat", "messages": MESSAGES},
                            headers={"traceparent": traceparent(trace_id, caller_span)})
     assert r.status_code == 200
     usage = r.json()["usage"]
-    spans = otlp_http.wait_trace(trace_id, 3)
+    spans = otlp_http.wait_trace(trace_id, 3, traced)
     assert len(spans) == 3, spans
     [server] = _by_kind(spans, "SERVER")
     [route] = _by_kind(spans, "INTERNAL")
@@ -117,7 +112,7 @@ def test_spans_continue_the_callers_trace_and_reach_the_engine(
     assert line["trace_id"] == trace_id and line["status"] == 200
 
 
-def test_stream_usage_chunk_lands_on_the_span(traced: ObservedRouter,
+def test_stream_usage_chunk_lands_on_the_span(traced: Router,
                                               otlp_http: Collector) -> None:
     trace_id, caller_span = _ids()
     body = {"model": "obs-chat", "messages": MESSAGES, "stream": True,
@@ -128,12 +123,12 @@ def test_stream_usage_chunk_lands_on_the_span(traced: ObservedRouter,
         raw = b"".join(r.iter_raw())
     found = usage_of(raw)
     assert found is not None and found[1] == 5
-    [server] = _by_kind(otlp_http.wait_trace(trace_id, 3), "SERVER")
+    [server] = _by_kind(otlp_http.wait_trace(trace_id, 3, traced), "SERVER")
     assert server.attributes["gen_ai.usage.input_tokens"] == found[0]
     assert server.attributes["gen_ai.usage.output_tokens"] == 5
 
 
-def test_retry_shows_as_a_second_client_span(traced: ObservedRouter, otlp_http: Collector,
+def test_retry_shows_as_a_second_client_span(traced: Router, otlp_http: Collector,
                                              engines: dict[str, str]) -> None:
     # Round robin starts anywhere: within a few requests one meets the dead backend first.
     for _ in range(6):
@@ -141,7 +136,7 @@ def test_retry_shows_as_a_second_client_span(traced: ObservedRouter, otlp_http: 
         r = traced.client.post(CHAT, json={"model": "obs-retry", "messages": MESSAGES},
                                headers={"traceparent": traceparent(trace_id, caller_span)})
         assert r.status_code == 200
-        spans = otlp_http.wait_trace(trace_id, 3)
+        spans = otlp_http.wait_trace(trace_id, 3, traced)
         if len(_by_kind(spans, "CLIENT")) == 2:
             break
     else:
@@ -159,7 +154,7 @@ def test_retry_shows_as_a_second_client_span(traced: ObservedRouter, otlp_http: 
 
 
 def test_unsampled_caller_gets_no_spans_but_its_trace_reaches_the_engine(
-        traced: ObservedRouter, otlp_http: Collector, engines: dict[str, str]) -> None:
+        traced: Router, otlp_http: Collector, engines: dict[str, str]) -> None:
     trace_id, caller_span = _ids()
     r = traced.client.post(CHAT, json={"model": "obs-chat", "messages": MESSAGES},
                            headers={"traceparent": f"00-{trace_id}-{caller_span}-00"})
@@ -167,17 +162,17 @@ def test_unsampled_caller_gets_no_spans_but_its_trace_reaches_the_engine(
     received = engine_request(engines, r.headers["x-request-id"])["headers"]["traceparent"]
     _version, got_trace, got_parent, flags = received.split("-")
     assert got_trace == trace_id and got_parent != caller_span and int(flags, 16) & 1 == 0
-    time.sleep(0.5)  # five export intervals
+    otlp_http.settle(traced)  # a sampled trace after it arrived: this one would have too
     assert otlp_http.trace(trace_id) == []
 
 
-def test_router_error_ends_the_routing_span_in_error(traced: ObservedRouter,
+def test_router_error_ends_the_routing_span_in_error(traced: Router,
                                                      otlp_http: Collector) -> None:
     trace_id, caller_span = _ids()
     r = traced.client.post(CHAT, json={"model": "no-such-model", "messages": MESSAGES},
                            headers={"traceparent": traceparent(trace_id, caller_span)})
     assert r.status_code == 404
-    spans = otlp_http.wait_trace(trace_id, 2)
+    spans = otlp_http.wait_trace(trace_id, 2, traced)
     assert not _by_kind(spans, "CLIENT")
     [server] = _by_kind(spans, "SERVER")
     [route] = _by_kind(spans, "INTERNAL")
@@ -187,7 +182,7 @@ def test_router_error_ends_the_routing_span_in_error(traced: ObservedRouter,
 
 
 def test_queue_wait_is_on_the_routing_span_and_429_is_counted(
-        traced: ObservedRouter, otlp_http: Collector) -> None:
+        traced: Router, otlp_http: Collector) -> None:
     import concurrent.futures as cf
 
     before = traced.scrape()
@@ -201,13 +196,14 @@ def test_queue_wait_is_on_the_routing_span_and_429_is_counted(
     holder, waiter, rejected = (secrets.token_hex(16) for _ in range(3))
     with cf.ThreadPoolExecutor(3) as pool:
         first = pool.submit(send, 600, holder)
-        _wait_for(lambda: _in_flight(traced) == 1)
+        wait_until(lambda: _in_flight(traced) == 1, 5, "the first request holds the slot")
         second = pool.submit(send, 0, waiter)  # waits in the queue (size 1)
-        _wait_for(lambda: _gauge(traced, "routeyard_queued_requests", model="obs-queue") == 1)
+        wait_until(lambda: _gauge(traced, "routeyard_queued_requests", model="obs-queue") == 1,
+                   5, "the second request waits in the queue")
         third = pool.submit(send, 0, rejected)  # the queue is full: 429 at once
         assert third.result().status_code == 429
         assert first.result().status_code == 200 and second.result().status_code == 200
-    [route] = _by_kind(otlp_http.wait_trace(waiter, 3), "INTERNAL")
+    [route] = _by_kind(otlp_http.wait_trace(waiter, 3, traced), "INTERNAL")
     assert 0.2 < route.attributes["routeyard.queue_wait"] < 5
     after = traced.scrape()
 
@@ -221,40 +217,28 @@ def test_queue_wait_is_on_the_routing_span_and_429_is_counted(
                  code="429") == 1
 
 
-def _in_flight(router: ObservedRouter) -> float:
+def _in_flight(router: Router) -> float:
     return sum(v for (name, _), v in router.scrape().items()
                if name == "routeyard_backend_in_flight_requests")
 
 
-def _gauge(router: ObservedRouter, name: str, **labels: str) -> float:
+def _gauge(router: Router, name: str, **labels: str) -> float:
     return router.scrape().get((name, tuple(sorted(labels.items()))), 0)
 
 
-def _wait_for(condition: object, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def test_otlp_grpc_exports_too(engines: dict[str, str], otlp_grpc: Collector,
-                               tmp_path: Path) -> None:
+                               launch_router) -> None:
     env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{otlp_grpc.port}",
            "OTEL_BSP_SCHEDULE_DELAY": "100", "ROUTEYARD_METRICS": "false",
            "ROUTEYARD_ACCESS_LOG": "false"}
-    router = start_observed(tmp_path, chat_routes(engines), env)
-    try:
-        trace_id, caller_span = _ids()
-        r = router.client.post(CHAT, json={"model": "obs-chat", "messages": MESSAGES},
-                               headers={"traceparent": traceparent(trace_id, caller_span)})
-        assert r.status_code == 200
-        spans = otlp_grpc.wait_trace(trace_id, 3)
-        assert {s.kind for s in spans} == {"SERVER", "INTERNAL", "CLIENT"}
-    finally:
-        stop(router.proc)
+    router = launch_router(chat_routes(engines), env=env, drop_env=CLEAN_ENV)
+    trace_id, caller_span = _ids()
+    r = router.client.post(CHAT, json={"model": "obs-chat", "messages": MESSAGES},
+                           headers={"traceparent": traceparent(trace_id, caller_span)})
+    assert r.status_code == 200
+    spans = otlp_grpc.wait_trace(trace_id, 3, router)
+    assert sorted(s.kind for s in spans) == ["CLIENT", "INTERNAL", "SERVER"]
 
 
 def test_tracing_off_passes_the_incoming_traceparent_through(
@@ -302,10 +286,8 @@ def test_serve_refuses_an_unknown_exporter_before_starting(tmp_path: Path) -> No
     config = tmp_path / "routes.yaml"
     config.write_text("models:\n  m:\n    backends: [{url: 'http://127.0.0.1:9'}]\n"
                       "    endpoints: [chat]\n")
-    env = {**os.environ, "OTEL_TRACES_EXPORTER": "jaeger"}
-    done = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--config", str(config),
-                           "--port", str(free_port())], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=30)
+    done = run_cli("serve", "--config", str(config), "--port", str(free_port()),
+                   env={"OTEL_TRACES_EXPORTER": "jaeger"})
     assert done.returncode == 1
     assert "OTEL_TRACES_EXPORTER='jaeger'" in done.stderr and "otlp" in done.stderr
 

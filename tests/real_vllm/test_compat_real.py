@@ -29,7 +29,7 @@ import pytest
 from router.compat import run
 from router.compat.requests import groups_of
 from router.stored_responses import response_id_in
-from tests.conftest import ROOT, Router, start_router, stop
+from tests.harness import ROOT, Router, start_router
 
 pytestmark = pytest.mark.real_vllm
 
@@ -100,9 +100,8 @@ def real_router(real_engines: dict[str, str],
                   f"    endpoints: [{', '.join(k.enabled())}]"]
         if k.public_model != k.engine_model:
             lines.append(f"    backend_model: {k.engine_model}")
-    router = start_router(tmp_path_factory.mktemp("real-router"), "\n".join(lines) + "\n")
-    yield router
-    stop(router.proc)
+    with start_router(tmp_path_factory.mktemp("real-router"), "\n".join(lines) + "\n") as router:
+        yield router
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=[k.kind for k in KINDS])

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from router.tenants import AuthConfig, Authenticator, hash_key
-from tests.conftest import free_port
+from tests.harness import Process, free_port
 
 SHARED_REDIS = os.environ.get("ROUTEYARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY_ALICE = "ry-alice-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -60,47 +58,34 @@ async def shared_redis() -> AsyncIterator[str]:
     await client.aclose()
 
 
-class OwnRedis:
-    """A throwaway redis-server on a free port (no persistence)."""
+def _pings(port: int) -> bool:
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
 
-    def __init__(self, workdir: Path) -> None:
+
+class OwnRedis(Process):
+    """A throwaway redis-server on a free port (no persistence); ready once it answers
+    PING. A test may ``kill`` it and ``start`` it again on the same port."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
+        super().__init__(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.02)
-            finally:
-                client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
+             "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir)],
+            workdir / f"redis-{self.port}.log", ready=lambda _: _pings(self.port),
+            ready_timeout=10, name=f"redis-server :{self.port}")
 
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    with OwnRedis(binary, tmp_path) as server:
+        yield server

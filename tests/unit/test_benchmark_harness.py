@@ -7,10 +7,6 @@ its parts honest without it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,21 +17,18 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from benchmarks import stream_client, wrk
 from benchmarks.results import ChatSample, Results
 from benchmarks.targets import MODEL, ROUTEYARD_CMD, build, write_routes
-from tests.conftest import ROOT, free_port, stop, wait_healthy
+from tests.harness import Process, Router, free_port, http_ok, python_m, wait_until
 
 
 @pytest.fixture(scope="module")
-def fast_engine() -> Iterator[str]:
+def fast_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.fast_engine", "--port", str(port), "--chunks", "5"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url + "/health", proc)
+    engine = Process(python_m("benchmarks.fast_engine", "--port", str(port), "--chunks", "5"),
+                     tmp_path_factory.mktemp("fast-engine") / "engine.log",
+                     ready=http_ok(f"{url}/health"))
+    with engine:
         yield url
-    finally:
-        stop(proc)
 
 
 def test_fast_engine_answers_chat_as_vllm_does(fast_engine: str) -> None:
@@ -81,26 +74,15 @@ def test_fast_engine_is_an_otlp_sink(fast_engine: str) -> None:
 def test_routeyard_tracing_row_exports_to_the_sink(fast_engine: str, tmp_path: Path) -> None:
     """The tracing row's environment makes a real router export OTLP spans to the engine."""
     env = build(ROUTEYARD_CMD, [], [], scaling_workers=0)[3].environment(fast_engine)
-    port = free_port()
     config = write_routes(tmp_path / "config", int(fast_engine.rsplit(":", 1)[1]))
     before = httpx.get(fast_engine + "/_stats").json()["trace_exports"]
-    with (tmp_path / "router.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "serve", "--config", str(config),
-             "--port", str(port)],
-            env={**os.environ, **env, "OTEL_BSP_SCHEDULE_DELAY": "100"},
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", proc)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                       content=wrk.chat_body(MODEL), headers={"content-type": "application/json"})
+    with Router(config, env={**env, "OTEL_BSP_SCHEDULE_DELAY": "100"},
+                log_dir=tmp_path) as router:
+        r = router.client.post("/v1/chat/completions", content=wrk.chat_body(MODEL),
+                               headers={"content-type": "application/json"})
         assert r.status_code == 200
-        deadline = time.monotonic() + 10
-        while httpx.get(fast_engine + "/_stats").json()["trace_exports"] == before:
-            assert time.monotonic() < deadline, "no OTLP export reached the sink"
-            time.sleep(0.1)
-    finally:
-        stop(proc)
+        wait_until(lambda: httpx.get(fast_engine + "/_stats").json()["trace_exports"] > before,
+                   10, "an OTLP export reaches the sink")
 
 
 def test_unknown_path_is_vllms_404(fast_engine: str) -> None:

@@ -25,7 +25,8 @@ from router.compat.compare import (
 )
 from router.compat.report import read_facts
 from router.compat.requests import groups_of, suite
-from tests.conftest import KINDS, ROOT, Router, start_router, stop
+from tests.conftest import KINDS
+from tests.harness import ROOT, Router, start_router
 
 Mutation = Callable[[int, str, bytes], tuple[int, bytes]]
 
@@ -44,9 +45,8 @@ def compat_router(engines: dict[str, str], tmp_path_factory: pytest.TempPathFact
         lines += [f"  compat-{task}:", "    backends:", f"      - url: {engines[task]}",
                   f"    endpoints: [{', '.join(sorted(groups_of(task)))}]",
                   f"    backend_model: {engine_model(task)}"]
-    router = start_router(tmp_path_factory.mktemp("compat"), "\n".join(lines) + "\n")
-    yield router
-    stop(router.proc)
+    with start_router(tmp_path_factory.mktemp("compat"), "\n".join(lines) + "\n") as router:
+        yield router
 
 
 @pytest.mark.parametrize("task", TASKS)

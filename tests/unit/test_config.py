@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from router.config import ConfigError, parse
+from tests.harness import run_cli
 
 MINIMAL = b"""\
 models:
@@ -95,14 +94,12 @@ def test_example_config_is_valid() -> None:
 def test_check_command(tmp_path) -> None:
     good = tmp_path / "good.yaml"
     good.write_bytes(MINIMAL)
-    out = subprocess.run([sys.executable, "-m", "router.cli", "check", str(good)],
-                         capture_output=True, text=True)
+    out = run_cli("check", str(good))
     assert out.returncode == 0
     assert "qwen25-15b-instruct: 1 backend(s)" in out.stdout
     assert "endpoints: chat, completions, tokenize" in out.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(MINIMAL.replace(b"[embeddings]", b"[embedings]"))
-    out = subprocess.run([sys.executable, "-m", "router.cli", "check", str(bad)],
-                         capture_output=True, text=True)
+    out = run_cli("check", str(bad))
     assert out.returncode == 1
     assert f"{bad}:9:5:" in out.stderr and "embedings" in out.stderr

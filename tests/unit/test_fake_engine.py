@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -21,50 +14,29 @@ import orjson
 import pytest
 
 from router.fake_engine import create_app
+from tests.harness import Process, free_port, http_ok, python_m, running, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "user", "content": "Hello"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(task: str, models: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    args = [sys.executable, "-m", "router.fake_engine", "--task", task, "--port", str(port)]
-    for model in models:
-        args += ["--model", model]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fake engine exited:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError(f"fake engine not healthy:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One engine per task, each run as ``python -m router.fake_engine`` (its own entry
+    point, not the CLI's)."""
     logs = tmp_path_factory.mktemp("fake_engine")
     specs = {"generate": ["gen-a", "gen-b"], "embed": ["emb"], "score": ["rr"],
              "transcription": ["whisper"]}
-    with ThreadPoolExecutor(len(specs)) as pool:
-        started = dict(zip(specs, pool.map(
-            lambda kv: _start(kv[0], kv[1], logs / f"{kv[0]}.log"), specs.items()), strict=True))
-    yield {task: url for task, (_, url) in started.items()}
-    for proc, _ in started.values():
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+    urls, processes = {}, []
+    for task, models in specs.items():
+        port = free_port()
+        urls[task] = f"http://127.0.0.1:{port}"
+        args = ["--task", task, "--port", str(port)]
+        for model in models:
+            args += ["--model", model]
+        processes.append(Process(python_m("router.fake_engine", *args), logs / f"{task}.log",
+                                 ready=http_ok(f"{urls[task]}/health")))
+    with running(processes):
+        yield urls
 
 
 @pytest.fixture(scope="module")
@@ -345,12 +317,8 @@ def test_client_disconnect_is_logged_as_aborted(gen: httpx.Client) -> None:
     with pytest.raises(httpx.ReadTimeout):
         gen.post("/v1/chat/completions", json={}, timeout=0.3,
                  headers={"x-request-id": "hang-me", "x-fake-hang": "1"})
-    closed = time.monotonic()
-    while time.monotonic() - closed < 1:
-        if set(gen.get("/_fake/aborted").json()) == {"abort-me", "hang-me"}:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"aborted log: {gen.get('/_fake/aborted').json()}")
+    wait_until(lambda: set(gen.get("/_fake/aborted").json()) == {"abort-me", "hang-me"}, 1,
+               "both requests are logged as aborted")
 
 
 def test_request_log_and_reset(gen: httpx.Client) -> None:
