@@ -94,10 +94,11 @@ class Cluster:
                 return endpoint
         return None
 
-    async def acquire(self, key: str | None, exclude: set[Endpoint]) -> Endpoint:
+    async def acquire(self, key: str | None, exclude: set[Endpoint],
+                      lease: Lease | None = None) -> Endpoint:
         """An endpoint, counted in flight, waiting in the queue while every endpoint that
         is up is at capacity; ``NoHealthyBackend`` when none is up, ``QueueTimeout`` when
-        the wait fails."""
+        the wait fails (``lease.queued`` tells whether it entered the queue)."""
         deadline = None
         while True:
             endpoint = self.try_acquire(key, exclude)
@@ -114,6 +115,8 @@ class Cluster:
             if remaining <= 0:
                 raise QueueTimeout(self.name, "no backend freed up in time", self.queue_timeout)
             waiter = loop.create_future()
+            if lease is not None:
+                lease.queued = True
             entry = (waiter, exclude)
             self.waiters.append(entry)
             try:
@@ -169,7 +172,7 @@ class Cluster:
 class Lease:
     """One request's hold on one endpoint of a cluster (``Cluster.lease``)."""
 
-    __slots__ = ("cluster", "endpoint", "exclude", "key", "prefer", "waited")
+    __slots__ = ("cluster", "endpoint", "exclude", "key", "prefer", "queued", "waited")
 
     def __init__(self, cluster: Cluster, key: str | None, exclude: set[Endpoint],
                  prefer: str | None) -> None:
@@ -177,7 +180,8 @@ class Lease:
         self.key = key
         self.exclude = exclude
         self.prefer = prefer
-        #: Seconds this lease waited in the model's queue.
+        #: Whether this lease waited in the model's queue, and for how many seconds.
+        self.queued = False
         self.waited = 0.0
 
     async def __aenter__(self) -> Endpoint:
@@ -190,9 +194,10 @@ class Lease:
         if endpoint is None:
             start = perf_counter()
             try:
-                endpoint = await cluster.acquire(self.key, self.exclude)
+                endpoint = await cluster.acquire(self.key, self.exclude, self)
             finally:
-                self.waited = perf_counter() - start
+                if self.queued:
+                    self.waited = perf_counter() - start
         self.endpoint = endpoint
         return endpoint
 
