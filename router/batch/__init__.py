@@ -10,8 +10,9 @@ routes file's ``batch:`` block needs, comes without SQLAlchemy, obstore or Sanic
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from router import lazy
 
 if TYPE_CHECKING:
     from router.batch.api import register
@@ -34,14 +35,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy.exports(__name__, _EXPORTS, __all__)

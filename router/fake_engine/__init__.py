@@ -6,8 +6,9 @@ modules (``formats``, ``tokens``...) import without the app.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from router import lazy
 
 if TYPE_CHECKING:
     from router.fake_engine.app import create_app, run
@@ -18,14 +19,4 @@ __all__ = ["create_app", "run"]
 _EXPORTS = {"create_app": "router.fake_engine.app", "run": "router.fake_engine.app"}
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy.exports(__name__, _EXPORTS, __all__)

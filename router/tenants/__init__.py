@@ -9,8 +9,9 @@ routes file's ``auth:`` block needs, comes without the limiters.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from router import lazy
 
 if TYPE_CHECKING:
     from router.tenants.buckets import Admission, LimiterStatus, LocalLimiter
@@ -76,14 +77,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy.exports(__name__, _EXPORTS, __all__)
