@@ -3,11 +3,15 @@
 An answer is compared on what a client can observe: status, content type, and the body:
 a JSON document, a sequence of Server-Sent Events, or raw bytes. Per-request values
 (``IGNORED_FIELDS``) are dropped before comparing, and the model name is read as the same
-whether the engine's served name or the router's public name was used.
+whether the engine's served name or the router's public name was used. Floats are equal
+within ``FLOAT_TOLERANCE`` (relative): an engine's float32 kernels may round the last bits
+differently from one call to the next (vLLM's CPU build does for rerank scores), and a
+router that relays bytes cannot cause a difference that small.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +36,8 @@ IGNORED_FIELDS: frozenset[str] = frozenset({
 })
 IGNORED = "<ignored>"
 MODEL = "<model>"
+#: Relative difference under which two floats count as equal (float32 has ~7 digits).
+FLOAT_TOLERANCE = 1e-5
 #: Differences listed per probe before the rest is summarised as "... and N more".
 MAX_DIFFERENCES = 6
 _SNIPPET = 70
@@ -137,6 +143,9 @@ def diff(engine: Any, router: Any, where: str = "body") -> Iterator[str]:
             yield f"{where}: {len(engine)} items from the engine, {len(router)} through the router"
         for i, (a, b) in enumerate(zip(engine, router, strict=False)):
             yield from diff(a, b, f"{where}[{i}]")
+    elif isinstance(engine, float) and isinstance(router, float):
+        if not math.isclose(engine, router, rel_tol=FLOAT_TOLERANCE):
+            yield f"{where}: engine {_show(engine)}, router {_show(router)}"
     elif type(engine) is not type(router) or engine != router:
         yield f"{where}: engine {_show(engine)}, router {_show(router)}"
 

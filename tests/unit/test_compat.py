@@ -20,6 +20,7 @@ from router.compat.compare import (
     MODEL,
     Event,
     check_format,
+    diff,
     normalise,
     parse_sse,
 )
@@ -233,3 +234,13 @@ def test_check_format_follows_the_catalog() -> None:
     assert check_format(named, StreamFormat.EVENT_DATA) == []
     assert check_format(data_done[:1], StreamFormat.DATA_DONE)
     assert check_format([*named, Event(None, "[DONE]")], StreamFormat.EVENT_DATA)
+
+
+def test_floats_are_equal_within_float32_rounding_and_no_further() -> None:
+    engine = {"results": [{"index": 0, "relevance_score": 0.4950129985809326}]}
+    rounded = {"results": [{"index": 0, "relevance_score": 0.49501293897628784}]}
+    changed = {"results": [{"index": 0, "relevance_score": 0.4951}]}
+    assert list(diff(engine, rounded)) == []
+    assert list(diff(engine, changed)) == [
+        "body.results[0].relevance_score: engine 0.4950129985809326, router 0.4951"]
+    assert list(diff({"n": 1}, {"n": 1.0})) != []  # an int is not a float
