@@ -1,0 +1,325 @@
+"""router/health.py: the state machine on a fake clock, and the checker over MockTransport."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import router.health as health_module
+from router.config import HealthChecks, OutlierDetection
+from router.endpoint import Endpoint
+from router.errors import BackendUnavailable
+from router.health import EJECTED, HEALTHY, UNHEALTHY, Health, HealthBoard, HealthChecker, probe
+from router.upstream_mock import MockReply, MockRequest, MockTransport
+from tests.unit.fleet_core import FakeClock, Transitions, eventually, registry
+
+OUTLIER = OutlierDetection(consecutive_failures=3, ejection=30)
+CHECKS = HealthChecks(unhealthy_threshold=2, healthy_threshold=2)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """router.health's clock (the event loop keeps the real one)."""
+    fake = FakeClock()
+    monkeypatch.setattr(health_module, "time", fake)
+    return fake
+
+
+def machine() -> tuple[Health, Transitions]:
+    board = HealthBoard()
+    return Health("http://e0:8000", board), Transitions(board)
+
+
+# -- passive: request failures ------------------------------------------------------------
+def test_consecutive_failures_eject_at_the_threshold_and_notify_once(clock: FakeClock) -> None:
+    health, seen = machine()
+    health.request_failed("status 502", OUTLIER)
+    health.request_failed("status 502", OUTLIER)
+    assert health.up and health.state == HEALTHY and seen.seen == []
+    health.request_failed("connection refused", OUTLIER)
+    assert not health.up and health.ejected and health.state == EJECTED
+    assert health.ejected_until == clock.now + 30
+    assert seen.seen == [("http://e0:8000", HEALTHY, EJECTED)]
+    assert health.last_error == "connection refused"
+    clock.advance(10)
+    health.request_failed("status 503", OUTLIER)  # in flight when it was ejected
+    assert seen.seen == [("http://e0:8000", HEALTHY, EJECTED)]  # still once
+    assert health.ejected_until == clock.now + 20  # the cool-down is not extended
+
+
+def test_a_success_resets_the_failure_count(clock: FakeClock) -> None:
+    health, seen = machine()
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)
+        health.request_failed("status 502", OUTLIER)
+        health.request_succeeded()
+        assert health.consecutive_failures == 0
+    assert health.up and seen.seen == []
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)
+    assert health.state == EJECTED
+
+
+# -- active checks: hysteresis ------------------------------------------------------------
+def test_unhealthy_after_unhealthy_threshold_failures(clock: FakeClock) -> None:
+    health, seen = machine()
+    health.checked("health check: status 500", CHECKS, OUTLIER)
+    assert health.up and seen.seen == []  # one lost probe does not flap it
+    assert health.last_check == clock.time()
+    health.checked(None, CHECKS, OUTLIER)  # a success in between resets the count
+    health.checked("health check: status 500", CHECKS, OUTLIER)
+    assert health.up
+    health.checked("health check: timeout", CHECKS, OUTLIER)
+    assert not health.up and not health.healthy and health.state == UNHEALTHY
+    assert seen.seen == [("http://e0:8000", HEALTHY, UNHEALTHY)]
+    assert health.last_error == "health check: timeout"
+    health.checked("health check: timeout", CHECKS, OUTLIER)
+    assert len(seen.seen) == 1
+
+
+def test_healthy_again_after_healthy_threshold_successes(clock: FakeClock) -> None:
+    health, seen = machine()
+    for _ in range(2):
+        health.checked("down", CHECKS, OUTLIER)
+    health.checked(None, CHECKS, OUTLIER)
+    assert not health.up  # one success is not enough with healthy_threshold 2
+    health.checked("down", CHECKS, OUTLIER)
+    health.checked(None, CHECKS, OUTLIER)
+    assert not health.up  # the failure restarted the count
+    health.checked(None, CHECKS, OUTLIER)
+    assert health.up and health.state == HEALTHY
+    assert seen.seen == [("http://e0:8000", HEALTHY, UNHEALTHY),
+                         ("http://e0:8000", UNHEALTHY, HEALTHY)]
+
+
+def test_up_needs_both_healthy_and_not_ejected(clock: FakeClock) -> None:
+    health, seen = machine()
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)
+    for _ in range(2):
+        health.checked("down", CHECKS, OUTLIER)  # unhealthy as well, within the cool-down
+    assert (health.healthy, health.ejected, health.up) == (False, True, False)
+    assert health.state == EJECTED
+    clock.advance(31)
+    health.probed(None, OUTLIER)  # the ejection ends, the checks still fail it
+    assert (health.healthy, health.ejected, health.up) == (False, False, False)
+    assert health.state == UNHEALTHY
+    for _ in range(2):
+        health.checked(None, CHECKS, OUTLIER)
+    assert health.up
+    assert [after for _, _, after in seen.seen] == [EJECTED, UNHEALTHY, HEALTHY]
+
+
+# -- the ejection probe -------------------------------------------------------------------
+def test_a_passing_probe_ends_the_ejection(clock: FakeClock) -> None:
+    health, seen = machine()
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)
+    clock.advance(30)
+    health.probed(None, OUTLIER)
+    assert health.up and health.consecutive_failures == 0
+    assert seen.seen[-1] == ("http://e0:8000", EJECTED, HEALTHY)
+    health.request_failed("status 502", OUTLIER)
+    assert health.up  # the count starts over
+
+
+def test_a_failing_probe_extends_the_ejection(clock: FakeClock) -> None:
+    health, seen = machine()
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)
+    clock.advance(30)
+    health.probed("health check: status 500", OUTLIER)
+    assert health.ejected and health.ejected_until == clock.now + 30
+    assert health.last_error == "health check: status 500"
+    assert len(seen.seen) == 1
+    health.probed(None, OUTLIER)
+    assert health.up
+
+
+def test_probed_when_not_ejected_changes_nothing(clock: FakeClock) -> None:
+    health, seen = machine()
+    health.probed("late answer", OUTLIER)
+    assert health.up and health.last_error is None and seen.seen == []
+
+
+def test_an_active_check_past_the_cool_down_is_the_probe(clock: FakeClock) -> None:
+    health, _ = machine()
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)
+    health.checked(None, CHECKS, OUTLIER)
+    assert health.ejected  # within the cool-down, checks do not end it
+    clock.advance(30)
+    health.checked("health check: status 500", CHECKS, OUTLIER)
+    assert health.ejected and health.ejected_until == clock.now + 30
+    clock.advance(30)
+    health.checked(None, CHECKS, OUTLIER)
+    assert health.up
+
+
+def test_describe(clock: FakeClock) -> None:
+    health, _ = machine()
+    health.checked("health check: status 500", CHECKS, OUTLIER)
+    assert health.describe() == {"state": HEALTHY, "consecutive_failures": 0,
+                                 "last_error": "health check: status 500",
+                                 "last_check": clock.time()}
+
+
+# -- probe() and HealthChecker over MockTransport -----------------------------------------
+class Backend:
+    """A scripted backend: answers ``status``, or raises ``error``; ``failures`` health
+    checks fail with 500 before it answers ``status`` again."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.failures = 0
+        self.error: Exception | None = None
+        self.delay = 0.0
+        self.checks: list[str] = []
+
+    def __call__(self, request: MockRequest) -> MockReply | asyncio.Future[MockReply]:
+        self.checks.append(request.target)
+        if self.error is not None:
+            raise self.error
+        status = self.status
+        if self.failures:
+            self.failures -= 1
+            status = 500
+        reply = MockReply(status, [(b"content-type", b"text/plain")], [b"ok"])
+        if self.delay:
+            return asyncio.ensure_future(self._later(reply))
+        return reply
+
+    async def _later(self, reply: MockReply) -> MockReply:
+        await asyncio.sleep(self.delay)
+        return reply
+
+
+def endpoint(backend: Backend, board: HealthBoard | None = None,
+             url: str = "http://e0:8000/prefix") -> Endpoint:
+    return registry(backend, board).get(url)
+
+
+async def test_probe_passes_on_200_and_sends_a_plain_get() -> None:
+    backend = Backend()
+    ep = endpoint(backend)
+    assert await probe(ep, "/health", 1.0) is None
+    (request,) = ep.transport.requests  # type: ignore[attr-defined]
+    assert (request.method, request.target) == ("GET", "/prefix/health")
+    assert request.header("host") == "e0:8000"
+    assert request.header("user-agent") == "routeyard-health"
+
+
+async def test_probe_fails_on_500_and_on_a_transport_error() -> None:
+    backend = Backend()
+    ep = endpoint(backend)
+    backend.status = 500
+    assert await probe(ep, "/health", 1.0) == "health check: status 500"
+    backend.error = BackendUnavailable("connection refused")
+    assert await probe(ep, "/health", 1.0) == "health check: connection refused"
+
+
+async def test_probe_fails_on_a_timeout() -> None:
+    backend = Backend()
+    backend.delay = 1.0
+    error = await probe(endpoint(backend), "/health", 0.02)
+    assert error is not None and error.startswith("health check: ")
+
+
+def checker_for(backends: list[Backend], checks: HealthChecks,
+                outlier: OutlierDetection) -> tuple[HealthChecker, list[Endpoint]]:
+    board = HealthBoard()
+    handlers = iter(backends)
+    reg = registry(board=board)
+    reg.transports = lambda origin: MockTransport(next(handlers))
+    eps = [reg.get(f"http://e{i}:8000") for i in range(len(backends))]
+    checker = HealthChecker(board, lambda: list(reg.by_key.values()),
+                            lambda: (checks, outlier))
+    return checker, eps
+
+
+async def test_checker_records_the_reason_in_last_error() -> None:
+    ok, failing, broken = Backend(), Backend(), Backend()
+    failing.status = 500
+    broken.error = BackendUnavailable("connection reset")
+    checks = HealthChecks(unhealthy_threshold=1, timeout=0.5)
+    checker, (e_ok, e_failing, e_broken) = checker_for([ok, failing, broken], checks, OUTLIER)
+    for ep in (e_ok, e_failing, e_broken):
+        await checker.check(ep)
+    assert e_ok.up and e_ok.health.last_error is None and e_ok.health.last_check is not None
+    assert not e_failing.up and e_failing.health.last_error == "health check: status 500"
+    assert not e_broken.up
+    assert e_broken.health.last_error == "health check: connection reset"
+    assert ok.checks == failing.checks == broken.checks == ["/health"]
+
+
+async def test_checker_run_marks_unhealthy_then_healthy_again() -> None:
+    a, b = Backend(), Backend()
+    b.status = 503
+    checks = HealthChecks(interval=0.005, timeout=0.5, unhealthy_threshold=2,
+                          healthy_threshold=2)
+    checker, (ea, eb) = checker_for([a, b], checks, OUTLIER)
+    task = asyncio.get_running_loop().create_task(checker.run())
+    try:
+        await eventually(lambda: not eb.up, what="b unhealthy")
+        assert len(b.checks) >= 2 and ea.up
+        b.status = 200
+        await eventually(lambda: eb.up, what="b healthy again")
+        assert eb.health.state == HEALTHY
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_ejection_schedules_the_cool_down_probe_and_the_endpoint_comes_back() -> None:
+    backend = Backend()
+    outlier = OutlierDetection(consecutive_failures=1, ejection=0.05)
+    checker, (ep,) = checker_for([backend], CHECKS, outlier)
+    ep.health.request_failed("status 502", outlier)
+    assert not ep.up and ep.key in checker.probing
+    await asyncio.sleep(0.01)
+    assert backend.checks == []  # not before the cool-down
+    await eventually(lambda: ep.up, what="the endpoint back")
+    assert backend.checks == ["/health"] and ep.health.consecutive_failures == 0
+    await eventually(lambda: not checker.probing, what="the probe task done")
+
+
+async def test_a_failing_cool_down_probe_extends_the_ejection() -> None:
+    backend = Backend()
+    backend.failures = 2
+    outlier = OutlierDetection(consecutive_failures=1, ejection=0.03)
+    checker, (ep,) = checker_for([backend], CHECKS, outlier)
+    start = asyncio.get_running_loop().time()
+    ep.health.request_failed("status 502", outlier)
+    await eventually(lambda: ep.up, what="the endpoint back")
+    assert len(backend.checks) == 3  # two failed probes, each followed by a cool-down
+    assert asyncio.get_running_loop().time() - start >= 0.085
+    await eventually(lambda: not checker.probing, what="the probe task done")
+
+
+async def test_one_probe_task_per_ejection_and_none_for_unknown_endpoints() -> None:
+    backend = Backend()
+    outlier = OutlierDetection(consecutive_failures=1, ejection=5)
+    checker, (ep,) = checker_for([backend], CHECKS, outlier)
+    stranger = Health("http://elsewhere:8000", HealthBoard())
+    checker._transition(stranger, HEALTHY, EJECTED)
+    assert not checker.probing
+    ep.health.request_failed("status 502", outlier)
+    task = checker.probing[ep.key]
+    checker._transition(ep.health, HEALTHY, EJECTED)  # a repeat does not start another
+    assert checker.probing == {ep.key: task}
+    checker.close()
+    await eventually(lambda: not checker.probing, what="the probe cancelled")
+
+
+async def test_close_cancels_the_probes() -> None:
+    backend = Backend()
+    outlier = OutlierDetection(consecutive_failures=1, ejection=5)
+    checker, (ep,) = checker_for([backend], CHECKS, outlier)
+    ep.health.request_failed("status 502", outlier)
+    task = checker.probing[ep.key]
+    checker.close()
+    await asyncio.wait([task], timeout=1)
+    assert task.cancelled()
+    await eventually(lambda: not checker.probing, what="the probe forgotten")
+    assert ep.health.ejected and backend.checks == []
