@@ -54,7 +54,7 @@ class Cluster:
         for member in self.members:
             member.endpoint.clusters.add(self)
         self.balancer = make_balancer(self.config, self.members)
-        self.wake_one()
+        self.wake_all()
 
     def any_up(self, exclude: frozenset[Endpoint] | set[Endpoint] = frozenset()) -> bool:
         return any(m.endpoint.up and m.endpoint not in exclude for m in self.members)
@@ -119,11 +119,15 @@ class Cluster:
                 lease.queued = True
             entry = (waiter, exclude)
             self.waiters.append(entry)
+            timer = loop.call_later(remaining, _time_up, waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                pass
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self.wake_one()  # woken, then cancelled (the client left): pass it on
+                raise
             finally:
+                timer.cancel()
                 if entry in self.waiters:
                     self.waiters.remove(entry)
 
@@ -137,6 +141,15 @@ class Cluster:
             for cluster in clusters:
                 if cluster is not self:
                     cluster.wake_one(endpoint)
+
+    def wake_all(self) -> None:
+        """Wake every waiter to look again (the member set or a member's health changed):
+        those that find no slot wait again, in the order they woke."""
+        waiters = [waiter for waiter, _ in self.waiters]
+        self.waiters.clear()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def wake_one(self, freed: Endpoint | None = None) -> None:
         """Wake the first waiter that may use the ``freed`` endpoint (any waiter when
@@ -167,6 +180,11 @@ class Cluster:
 
     def describe(self) -> list[dict[str, object]]:
         return [{**m.endpoint.describe(), "weight": m.weight} for m in self.members]
+
+
+def _time_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)  # the loop in ``acquire`` sees the deadline has passed
 
 
 class Lease:

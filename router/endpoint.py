@@ -20,6 +20,8 @@ class SlotWaiter(Protocol):
 
     def wake_one(self, freed: Endpoint | None = None) -> None: ...
 
+    def wake_all(self) -> None: ...
+
 
 class Endpoint:
     """One backend address: transport, in-flight count, health."""
@@ -79,6 +81,14 @@ class EndpointRegistry:
         self.by_key: dict[str, Endpoint] = {}
         self.transports = transports
         self.board = board or HealthBoard()
+        self.board.listeners.append(self._health_changed)
+
+    def _health_changed(self, health: Health, before: str, after: str) -> None:
+        """An endpoint that may get traffic again wakes the queues that wait for one."""
+        endpoint = self.by_key.get(health.key)
+        if endpoint is not None and health.up:
+            for cluster in list(endpoint.clusters):
+                cluster.wake_all()
 
     def get(self, url: str, address: str | None = None) -> Endpoint:
         """The endpoint for ``url``, or for one resolved ``address`` of its host name."""

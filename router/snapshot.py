@@ -175,6 +175,8 @@ def prompt_prefix(body: dict[str, Any], chars: int) -> str:
                 break
     else:
         prompt = body.get("prompt", body.get("input"))
+        if prompt is None:
+            return ""  # rerank, score: no prompt to place by
         if isinstance(prompt, list) and prompt:
             prompt = prompt[0] if isinstance(prompt[0], str | list) else prompt
         parts.append(prompt if isinstance(prompt, str) else str(prompt)[: chars * 4])

@@ -44,11 +44,12 @@ models:
 
 
 class Loads:
-    """An ``on_load`` callback that records (result, sha256)."""
+    """A load listener that records (result, sha256 now served)."""
 
     def __init__(self, holder: ConfigHolder) -> None:
         self.seen: list[tuple[str | None, str]] = []
-        holder.on_load = lambda result, sha: self.seen.append((result, sha))
+        holder.listeners.append(
+            lambda result, snap: self.seen.append((result, snap.config.sha256)))
 
 
 def write(path: Path, text: str) -> None:

@@ -210,10 +210,6 @@ def test_prefix_key_reads_the_prompt_and_round_robin_has_none() -> None:
     assert _key_function(model_config(policy="least_request")) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "prompt_prefix() of a body without messages/prompt/input (rerank, score) is the "
-    "string 'None', so the prefix policy hashes all of them to one key instead of "
-    "falling back to its balancer"))
 def test_prefix_key_is_none_without_a_prompt() -> None:
     key = key_of(model_config(policy="prefix"))
     assert key({}, {"query": "what is a panda?", "documents": ["a bear", "a car"]}) is None
