@@ -28,8 +28,8 @@ from router.errors import (
     RouterError,
 )
 from router.health import HealthChecker
-from router.proxy import LimiterSink, Proxy, authenticate, new_request_id
-from router.record import Sink, Sinks
+from router.proxy import Proxy, authenticate, new_request_id
+from router.record import Sink
 from router.reload import ConfigHolder
 from router.settings import Settings
 from router.stored_responses import ResponseIds
@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
                 holder.registry.by_key.values(),
                 [(m.name, len(m.cluster.waiters)) for m in holder.current.models.values()]))
         limiter = build_limiter()
-        proxy.start(limiter, Sinks([*worker.sinks, LimiterSink(limiter)], worker.tracing))
+        proxy.start(limiter, worker.sinks, worker.tracing)
         worker.checker = HealthChecker(holder.registry.board, holder.registry.by_key.values,
                                        holder.health_settings)
         holder.install_sighup(app.loop)

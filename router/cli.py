@@ -109,7 +109,6 @@ async def batch_worker(config_path: str) -> int:
     from router.dispatch import RouterDispatcher
     from router.health import HealthChecker
     from router.proxy import Proxy
-    from router.record import Sinks
     from router.reload import ConfigHolder
     from router.stored_responses import ResponseIds
     from router.tenants.limits import build_limiter
@@ -127,7 +126,7 @@ async def batch_worker(config_path: str) -> int:
     checker = HealthChecker(holder.registry.board, holder.registry.by_key.values,
                             holder.health_settings)
     proxy = Proxy(holder, ResponseIds())
-    proxy.start(build_limiter(), Sinks([]))
+    proxy.start(build_limiter(), [], None)
     tasks = [asyncio.create_task(t) for t in (holder.watch(), checker.run(),
                                               holder.refresh_dns())]
     try:

@@ -92,12 +92,12 @@ class RouterDispatcher:
                                    trace=record.trace, key=admitted.key)
             result = outcome.status, answer
         except RouterError as exc:
-            await sinks.settle(record, exc)
+            await _settled(sinks.settle(record, exc))
             return exc.status, exc.body()
         except BaseException as exc:
-            await sinks.settle(record, exc)
+            await _settled(sinks.settle(record, exc))
             raise
-        await sinks.settle(record, None)
+        await _settled(sinks.settle(record, None))
         return result
 
     def pressure(self) -> float:
@@ -111,6 +111,11 @@ class RouterDispatcher:
                 if endpoint.max_in_flight:
                     level = max(level, endpoint.in_flight / endpoint.max_in_flight)
         return min(level, 1.0)
+
+
+async def _settled(pending: Awaitable[None] | None) -> None:
+    if pending is not None:
+        await pending
 
 
 async def _read(response: Response, outcome: Any) -> bytes:

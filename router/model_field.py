@@ -58,7 +58,10 @@ def model_from_json(body: bytes) -> tuple[str, dict[str, Any]]:
     if not body:
         raise BadRequest("The request body is empty; send a JSON object with a `model`.")
     data = _parse_object(body)
-    return _check(data.get("model")), data
+    model = data.get("model")
+    if type(model) is str and model:  # the common case, without a call
+        return model, data
+    return _check(model), data
 
 
 def _parse_object(body: bytes) -> dict[str, Any]:
@@ -67,7 +70,7 @@ def _parse_object(body: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         message = f"The request body is not valid JSON: {exc}"
         raise BadRequest(message, code="invalid_json") from None
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         raise BadRequest("The request body must be a JSON object.", code="invalid_body")
     return data
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,7 +39,7 @@ from router.model_field import (
     rewrite_form_model,
     rewrite_json_model,
 )
-from router.record import GEN_AI_OPERATIONS, Record, Sinks
+from router.record import GEN_AI_OPERATIONS, Record, Sink, Sinks, Tracer
 from router.relay import Capture, Outbound, Placement, forward, send_answer
 from router.stored_responses import RESPONSES_CREATE, ResponseIds, forward_stored
 from router.tenants.limits import estimate_tokens
@@ -160,7 +160,10 @@ class Proxy:
     """The request path of one worker: its config, limiter, sinks and stored-answer map."""
 
     limiter: Limiter
+    #: The sinks of requests no key is charged for, and of those a key is (the limiter
+    #: reads those too).
     sinks: Sinks
+    limited_sinks: Sinks
     #: Batch lines' records: the limiter only, for now.
     batch_sinks: Sinks
     tracing = False
@@ -169,23 +172,27 @@ class Proxy:
         self.holder = holder
         self.stored = stored
 
-    def start(self, limiter: Limiter, sinks: Sinks) -> None:
-        """At server start, in the worker: the limiter and the sinks."""
+    def start(self, limiter: Limiter, sinks: Sequence[Sink], tracer: Tracer | None) -> None:
+        """At server start, in the worker: the limiter, the sinks and the tracer."""
         self.limiter = limiter
-        self.sinks = sinks
+        self.sinks = Sinks(sinks, tracer)
+        self.limited_sinks = Sinks([*sinks, LimiterSink(limiter)], tracer)
         self.batch_sinks = Sinks([LimiterSink(limiter)])
-        self.tracing = sinks.tracer is not None
+        self.tracing = tracer is not None
 
     def _record(self, request: Request, group: str, operation: str, request_id: str,
                 reads_usage: bool = True) -> Record:
         conn = request.conn_info
         # Sanic stamps the end of the request head; the body was read after it.
         t0 = getattr(request.stream, "perft0", 0.0) or perf_counter()
-        return self.sinks.opened(Record(
+        record = Record(
             method=request.method, path=request.path, headers=request.headers, group=group,
             operation=operation, request_id=request_id, t0=t0, bytes_in=len(request.body),
             client_ip=conn.client_ip if conn is not None else None,
-            scheme=request.scheme if self.tracing else "http", reads_usage=reads_usage))
+            scheme=request.scheme if self.tracing else "http", reads_usage=reads_usage)
+        if self.tracing:
+            self.sinks.opened(record)
+        return record
 
     def handler(self, route: Route) -> Handler:
         """The handler of one catalog route: its group and model source are constants."""
@@ -202,6 +209,7 @@ class Proxy:
             body = request.body
             tenant = authenticate(snapshot, request)
             record = self._record(request, group, operation, request_id)
+            sinks = self.sinks if tenant is None else self.limited_sinks
             try:
                 form = None
                 if from_form:
@@ -225,10 +233,14 @@ class Proxy:
                 await forward(admitted.model, outbound, outcome, deliver, trace=record.trace,
                               key=admitted.key, placement=admitted.placement)
             except BaseException as exc:
-                await self.sinks.settle(record, exc)
+                pending = sinks.settle(record, exc)
+                if pending is not None:
+                    await pending
                 raise
             # the answer went out inside forward: this runs after the client has it
-            await self.sinks.settle(record, None)
+            pending = sinks.settle(record, None)
+            if pending is not None:
+                await pending
 
         return proxy
 
@@ -267,9 +279,13 @@ class Proxy:
             await forward_stored(response_id, holders, self.stored, outbound, outcome,
                                  deliver, matched, trace=record.trace)
         except BaseException as exc:
-            await self.sinks.settle(record, exc)
+            pending = self.limited_sinks.settle(record, exc)
+            if pending is not None:
+                await pending
             raise
-        await self.sinks.settle(record, None)
+        pending = self.limited_sinks.settle(record, None)
+        if pending is not None:
+            await pending
 
 
 class LimiterSink:

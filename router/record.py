@@ -205,12 +205,20 @@ class Sinks:
             self.tracer.start(record)
         return record
 
-    async def settle(self, record: Record, exc: BaseException | None) -> None:
-        """The request ended: every sink reads its record. Awaited work is shielded: the
-        client may hang up once it has its answer, which cancels the handler, and the
-        limiter's usage correction must still land."""
+    def settle(self, record: Record, exc: BaseException | None) -> Awaitable[None] | None:
+        """The request ended: every sink reads its record. Returns what must still be
+        awaited (the limiter's usage correction), shielded: the client may hang up once
+        it has its answer, which cancels the handler, and the correction must still land.
+        None when nothing is pending (the common case: no coroutine made)."""
         record.ended(exc)
+        pending = None
         for sink in self.sinks:
-            pending = sink.finish(record)
-            if pending is not None:
-                await asyncio.shield(pending)
+            done = sink.finish(record)
+            if done is not None:
+                pending = [done] if pending is None else [*pending, done]
+        return None if pending is None else _shielded(pending)
+
+
+async def _shielded(pending: list[Awaitable[None]]) -> None:
+    for done in pending:
+        await asyncio.shield(done)

@@ -25,7 +25,6 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -93,18 +92,22 @@ class Placement(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
 class Outbound:
     """The request as it goes to an engine, whichever endpoint gets it."""
 
-    method: str
-    target: str
-    headers: Any
-    body: bytes
-    request_id: str
-    client_ip: str = ""
-    #: The client's API key is the router's (``auth:``): never forward it.
-    strip_keys: bool = False
+    __slots__ = ("body", "client_ip", "headers", "method", "request_id", "strip_keys",
+                 "target")
+
+    def __init__(self, method: str, target: str, headers: Any, body: bytes, request_id: str,
+                 client_ip: str = "", strip_keys: bool = False) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.request_id = request_id
+        self.client_ip = client_ip
+        #: The client's API key is the router's (``auth:``): never forward it.
+        self.strip_keys = strip_keys
 
     def head(self, endpoint: Endpoint, trace: str | None) -> bytes:
         return build_head(self.method, self.target, self.headers, endpoint, len(self.body),
@@ -162,15 +165,17 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
                                     if more:
                                         continue  # not this endpoint's to answer: the next, now
                                     raise NotHere
-                            if status not in FAILURE_STATUSES:
+                            if status in FAILURE_STATUSES:
+                                cluster.failed(endpoint, f"status {status}")
+                                retry = (status in RETRY_STATUSES and attempt < retries.attempts
+                                         and cluster.any_up(tried | {endpoint}))
+                            else:
                                 cluster.succeeded(endpoint)
-                                return await _deliver(deliver, response, endpoint, status,
-                                                      placement)
-                            cluster.failed(endpoint, f"status {status}")
-                            if not (status in RETRY_STATUSES and attempt < retries.attempts
-                                    and cluster.any_up(tried | {endpoint})):
-                                return await _deliver(deliver, response, endpoint, status,
-                                                      placement)
+                                retry = False
+                            if not retry:
+                                capture = (placement.answered(endpoint, status)
+                                           if placement is not None else None)
+                                return await deliver(response, capture)
                             tried.add(endpoint)
                         finally:
                             response.close()  # a no-op once complete; else an abort
@@ -185,12 +190,6 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
         attempt += 1
         delay = min(retries.max_backoff, retries.backoff * 2 ** (attempt - 1))
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-
-
-def _deliver(deliver: Deliver[T], response: Response, endpoint: Endpoint, status: int,
-             placement: Placement | None) -> Awaitable[T]:
-    capture = placement.answered(endpoint, status) if placement is not None else None
-    return deliver(response, capture)
 
 
 def build_head(

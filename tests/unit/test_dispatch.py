@@ -12,7 +12,6 @@ from router.batch.service import RESTART_SETTINGS, BatchService
 from router.dispatch import RouterDispatcher
 from router.endpoint import EndpointRegistry
 from router.proxy import Proxy
-from router.record import Sinks
 from router.reload import ConfigHolder
 from router.stored_responses import ResponseIds
 from router.tenants.limits import LocalLimiter
@@ -47,7 +46,7 @@ async def dispatcher(tmp_path: Path) -> RouterDispatcher:
     holder = ConfigHolder(path, EndpointRegistry(transports=transport))
     await holder.load()
     proxy = Proxy(holder, ResponseIds())
-    proxy.start(LocalLimiter(), Sinks([]))
+    proxy.start(LocalLimiter(), [], None)
     return RouterDispatcher(proxy)
 
 
