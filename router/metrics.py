@@ -30,7 +30,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from router.record import Record
+    from router.record import Outcome, Record
 
 #: What the metrics sample once a second: the endpoints, and (model name, queue length).
 Sources = Callable[[], "tuple[Iterable[Sampled], Iterable[tuple[str, int]]]"]
@@ -239,28 +239,36 @@ class Metrics:
         end = perf_counter()
         outcome = record.outcome
         model = record.label_model
-        series = self._series.get((model, record.group, outcome.backend))
+        key = (model, record.group, outcome.backend)
+        series = self._series.get(key)
         if series is None:
-            series = self.series(model, record.group, outcome.backend)
+            series = self.series(*key)
         codes = series.codes
-        codes[record.status] = codes.get(record.status, 0) + 1
+        status = record.status
+        codes[status] = codes.get(status, 0) + 1
         t0 = record.t0
         series.duration.observe(end - t0)
         if outcome.t_first:
             series.ttfb.observe(outcome.t_first - t0)
         if outcome.t_sent:
             series.overhead.observe(outcome.t_sent - t0)
-        if outcome.input_tokens or outcome.output_tokens or outcome.queue_wait \
-                or outcome.queue_rejected:
+        input_tokens, output_tokens = outcome.input_tokens, outcome.output_tokens
+        if input_tokens or output_tokens:
             per_model = self.model(model)
-            if outcome.input_tokens:
-                per_model.input_tokens += outcome.input_tokens
-            if outcome.output_tokens:
-                per_model.output_tokens += outcome.output_tokens
-            if outcome.queue_wait:
-                per_model.queue_wait.observe(outcome.queue_wait)
-            if outcome.queue_rejected:
-                per_model.rejected.inc()
+            if input_tokens:
+                per_model.input_tokens += input_tokens
+            if output_tokens:
+                per_model.output_tokens += output_tokens
+        if outcome.queue_wait or outcome.queue_rejected or outcome.retried_from:
+            self._rare(model, outcome)
+
+    def _rare(self, model: str, outcome: Outcome) -> None:
+        """The queue and retry figures of a request that waited, was refused or retried."""
+        per_model = self.model(model)
+        if outcome.queue_wait:
+            per_model.queue_wait.observe(outcome.queue_wait)
+        if outcome.queue_rejected:
+            per_model.rejected.inc()
         for backend in outcome.retried_from:
             self.retries.labels(model, backend).inc()
 

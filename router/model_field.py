@@ -57,7 +57,12 @@ def model_from_json(body: bytes) -> tuple[str, dict[str, Any]]:
     """The ``model`` of a JSON object body, and the parsed body; ``BadRequest`` if unusable."""
     if not body:
         raise BadRequest("The request body is empty; send a JSON object with a `model`.")
-    data = _parse_object(body)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _invalid_json(exc) from None
+    if type(data) is not dict:
+        raise BadRequest("The request body must be a JSON object.", code="invalid_body")
     model = data.get("model")
     if type(model) is str and model:  # the common case, without a call
         return model, data
@@ -68,11 +73,14 @@ def _parse_object(body: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        message = f"The request body is not valid JSON: {exc}"
-        raise BadRequest(message, code="invalid_json") from None
+        raise _invalid_json(exc) from None
     if type(data) is not dict:
         raise BadRequest("The request body must be a JSON object.", code="invalid_body")
     return data
+
+
+def _invalid_json(exc: orjson.JSONDecodeError) -> BadRequest:
+    return BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json")
 
 
 def _check(model: object) -> str:

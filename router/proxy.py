@@ -185,11 +185,10 @@ class Proxy:
         conn = request.conn_info
         # Sanic stamps the end of the request head; the body was read after it.
         t0 = getattr(request.stream, "perft0", 0.0) or perf_counter()
-        record = Record(
-            method=request.method, path=request.path, headers=request.headers, group=group,
-            operation=operation, request_id=request_id, t0=t0, bytes_in=len(request.body),
-            client_ip=conn.client_ip if conn is not None else None,
-            scheme=request.scheme if self.tracing else "http", reads_usage=reads_usage)
+        record = Record(request.method, request.path, request.headers, group, operation,
+                        request_id, t0, len(request.body),
+                        conn.client_ip if conn is not None else None,
+                        request.scheme if self.tracing else "http", "online", reads_usage)
         if self.tracing:
             self.sinks.opened(record)
         return record

@@ -130,7 +130,7 @@ class Record:
         "request_id", "scheme", "status", "t0", "trace",
     )
 
-    def __init__(self, *, method: str, path: str, headers: Mapping[str, str], group: str,
+    def __init__(self, method: str, path: str, headers: Mapping[str, str], group: str,
                  operation: str, request_id: str, t0: float, bytes_in: int,
                  client_ip: str | None = None, scheme: str = "http", origin: str = "online",
                  reads_usage: bool = True) -> None:
