@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,3 +32,10 @@ class Settings(BaseSettings):
     #: OpenTelemetry tracing: unset means "on when the ``OTEL_*`` variables ask for it"
     #: (``router.tracing.tracing_wanted``); true or false overrides them.
     tracing: bool | None = None
+    #: With ``ROUTEYARD_REDIS_URL``: the most Redis connections each worker process opens
+    #: for rate limits (``router.tenants.limits_redis``). Read by ``build_limiter``;
+    #: declared here so that a bad value stops ``routeyard serve`` at start.
+    redis_max_connections: int = Field(default=100, ge=1)
+    #: Seconds a request waits for a free one of those connections; then 503
+    #: ``rate_limiter_busy`` with ``Retry-After`` (never a fall-back to per-process limits).
+    redis_pool_timeout: float = Field(default=1.0, gt=0)

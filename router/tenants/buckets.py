@@ -82,6 +82,8 @@ class LimiterStatus:
     transitions_to_local: int = 0
     local_admissions: int = 0
     redis_errors: int = 0
+    #: Redis calls that found no free pooled connection in time (503s, dropped corrections).
+    pool_timeouts: int = 0
 
 
 def decide(

@@ -17,7 +17,10 @@ goes into debt and waits until the bucket refills past zero.
 
 ``LocalLimiter`` is exact within one process (the event loop runs each admission without
 an ``await`` in between). ``build_limiter`` returns the Redis limiter (``limits_redis``)
-when ``ROUTEYARD_REDIS_URL`` is set, so limits hold across router replicas.
+when ``ROUTEYARD_REDIS_URL`` is set, so limits hold across router replicas. Its pool of
+``ROUTEYARD_REDIS_MAX_CONNECTIONS`` connections is waited on for at most
+``ROUTEYARD_REDIS_POOL_TIMEOUT`` seconds; a request that gets none in time is refused
+(503, ``limits_redis.LimiterBusy``), a Redis that fails is replaced by local limits.
 
 The buckets, ``Admission`` and ``LocalLimiter`` live in ``buckets`` (which both limiters
 import) and are re-exported here.
@@ -118,12 +121,23 @@ def build_limiter(environ: Mapping[str, str] | None = None) -> Limiter:
     """The Redis limiter if ``ROUTEYARD_REDIS_URL`` is set, else the in-process one.
 
     Makes no connection (call it in a startup hook); ``ROUTEYARD_REDIS_PREFIX`` namespaces
-    the Redis keys (default ``routeyard:rl:``).
+    the Redis keys (default ``routeyard:rl:``); ``ROUTEYARD_REDIS_MAX_CONNECTIONS`` and
+    ``ROUTEYARD_REDIS_POOL_TIMEOUT`` size the pool and bound the wait for a connection
+    (defaults and checks: ``router.settings.Settings``; a bad value is a ``ValueError``).
     """
     env = os.environ if environ is None else environ
     url = env.get("ROUTEYARD_REDIS_URL")
     if not url:
         return LocalLimiter()
+    from router.settings import Settings
     from router.tenants.limits_redis import RedisLimiter
 
-    return RedisLimiter(url, prefix=env.get("ROUTEYARD_REDIS_PREFIX", "routeyard:rl:"))
+    # Settings() checked these at start (routeyard serve); here they are only read.
+    fields = Settings.model_fields
+    return RedisLimiter(
+        url, prefix=env.get("ROUTEYARD_REDIS_PREFIX", "routeyard:rl:"),
+        max_connections=int(env.get("ROUTEYARD_REDIS_MAX_CONNECTIONS",
+                                    fields["redis_max_connections"].default)),
+        pool_timeout=float(env.get("ROUTEYARD_REDIS_POOL_TIMEOUT",
+                                   fields["redis_pool_timeout"].default)),
+    )
