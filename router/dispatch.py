@@ -1,28 +1,34 @@
 """Batch lines through the request path: the same admission and relay as online traffic.
 
-``RouterDispatcher`` implements ``router.batch.dispatch.Dispatcher``. Each line is
-admitted on the snapshot current when it runs (so a reload that removes a model or
-disables a group applies to running batches at once), relayed with the same balancing,
-health and retries. Their records go to the limiter only (batch lines are not yet in
-the request metrics or the access log).
+``RouterDispatcher`` implements ``router.batch.dispatch.Dispatcher``. A batch runs as the
+API key that created it (``key_of``; its id is stored with the batch): each line is
+checked and admitted with that key's ``Tenant``, looked up by id in the snapshot current
+when the line runs, so a reload that removes a model, disables a group, narrows the key's
+models or removes the key applies to running batches at once. Each line is charged to
+the key's rate limits like an online request (a line over them answers 429, which the
+batch retries with backoff), and its record goes to the limiter sink, which replaces the
+token estimate with the usage the engine reported (batch lines are not yet in the request
+metrics or the access log). Lines are relayed with the same balancing, health and retries.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from router.catalog import PROXIED
-from router.errors import RouterError
+from router.errors import ModelNotFound, RouterError
 from router.model_field import model_from_json
 from router.proxy import Proxy, admit, new_request_id
 from router.record import GEN_AI_OPERATIONS, Record
 from router.relay import Capture, Outbound, forward
+from router.tenants.errors import InvalidApiKey
 
 if TYPE_CHECKING:
     from router.snapshot import Snapshot
+    from router.tenants.keys import Tenant
     from router.upstream import Response
 
 log = logging.getLogger("routeyard.dispatch")
@@ -32,18 +38,23 @@ _GROUP_OF = {path: r.group for r in PROXIED if r.method == "POST" and r.group is
 _JSON = {"content-type": "application/json", "user-agent": "routeyard-batch"}
 
 
-class BatchTenant:
-    """A batch's owner: batch lines carry the tenant id only, so any key of that tenant
-    may use the model."""
-
-    __slots__ = ("snapshot", "tenant_id")
-
-    def __init__(self, snapshot: Snapshot, tenant_id: str) -> None:
-        self.snapshot = snapshot
-        self.tenant_id = tenant_id
-
-    def can_use(self, model: str) -> bool:
-        return self.snapshot.tenant_can_use(self.tenant_id, model)
+def batch_key(snapshot: Snapshot, key_id: str | None) -> Tenant | None:
+    """The ``Tenant`` of the key a batch was created with, in ``snapshot`` (None when the
+    snapshot has no ``auth:``: the router is open). ``InvalidApiKey`` (401) when the key is
+    no longer configured, or the batch has no key on record (created while auth was off,
+    or before keys were stored with batches): such a batch runs nothing under auth."""
+    auth = snapshot.auth
+    if auth is None:
+        return None
+    if key_id is None:
+        raise InvalidApiKey("This batch was created without an API key on record (while "
+                            "auth was off, or by an older routeyard); it cannot run under "
+                            "auth. Create it again with your key.")
+    key = auth.tenants.get(key_id)
+    if key is None:
+        raise InvalidApiKey(f"The API key `{key_id}` that created this batch is no longer "
+                            "configured; its remaining requests are not sent.")
+    return key
 
 
 class RouterDispatcher:
@@ -52,21 +63,33 @@ class RouterDispatcher:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
-    def check(self, tenant: str | None, url: str, body: dict[str, Any]) -> str | None:
+    def key_of(self, headers: Mapping[str, str]) -> str | None:
+        auth = self.proxy.holder.current.auth
+        if auth is None:
+            return None
+        return auth.authenticate(headers.get("authorization"), headers.get("x-api-key")).key_id
+
+    def check(self, key: str | None, url: str, body: dict[str, Any]) -> str | None:
         snapshot = self.proxy.holder.current
         group = _GROUP_OF.get(url)
         if group is None:
             return f"routeyard does not route {url}."
+        try:
+            tenant = batch_key(snapshot, key)
+        except RouterError as exc:
+            return exc.message
         name = body.get("model")
-        model = snapshot.models.get(name) if isinstance(name, str) else None
-        if model is None or not snapshot.tenant_can_use(tenant, model.name):
-            return f"The model `{name}` does not exist."
+        if not isinstance(name, str):
+            return ModelNotFound(repr(name)).message
+        model = snapshot.models.get(name)
+        if model is None or (tenant is not None and not tenant.can_use(name)):
+            return ModelNotFound(name).message  # as online: hidden is the same as absent
         if group not in model.groups:
             return (f"The endpoint {url} (group `{group}`) is not enabled for model "
                     f"`{model.name}`. Enabled groups: {', '.join(model.enabled)}.")
         return None
 
-    async def dispatch(self, url: str, body: bytes, tenant: str | None) -> tuple[int, bytes]:
+    async def dispatch(self, url: str, body: bytes, key: str | None) -> tuple[int, bytes]:
         proxy = self.proxy
         snapshot = proxy.holder.current
         group = _GROUP_OF.get(url, "")
@@ -77,10 +100,10 @@ class RouterDispatcher:
             operation=GEN_AI_OPERATIONS.get(group, group), request_id=request_id,
             t0=perf_counter(), bytes_in=len(body), origin="batch"))
         try:
+            tenant = batch_key(snapshot, key)
             name, data = model_from_json(body)
-            principal = BatchTenant(snapshot, tenant) if tenant else None
             admitted = await admit(snapshot, group, url, name, data, body, record,
-                                   principal=principal, limited=None, limiter=proxy.limiter,
+                                   principal=tenant, limited=tenant, limiter=proxy.limiter,
                                    headers=_JSON)
             outbound = Outbound("POST", url, _JSON, admitted.body, request_id)
             outcome = record.outcome

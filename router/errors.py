@@ -99,14 +99,24 @@ class BadRequest(ClientError):
     """Raised when the body is not JSON, not an object, or lacks a usable ``model``."""
 
 
+#: How much of a client's text (a model name, a custom_id) an error message quotes.
+SHOWN_CHARS = 256
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` as an error message quotes it: its first ``limit`` characters and "…"
+    when longer, so a client cannot make the router echo (and log) a megabyte."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class ModelNotFound(ClientError):
-    """Raised when no model of that name is configured."""
+    """Raised when no model of that name is configured (the name is quoted ``shown``)."""
 
     status = 404
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist.", param="model")
+        super().__init__(f"The model `{shown(model)}` does not exist.", param="model")
 
 
 class EndpointNotEnabled(ClientError):

@@ -2,9 +2,14 @@
 
 Triggers: a change under the file's directory (watchfiles; this catches in-place writes,
 an editor's write-to-temp-and-rename, and Kubernetes' ``..data`` symlink swap), and SIGHUP.
-The file is re-read and hashed; an unchanged hash is a no-op. A file that fails to parse
-or validate is refused with one logged error naming the line, and the last good snapshot
-keeps serving. DNS backends are re-resolved every ``dns_refresh`` under the same snapshot.
+Before reading, a reload waits until the routes file and the key files it names are
+stable: their size, mtime and inode unchanged over ``SETTLE_POLLS`` polls ``SETTLE_STEP``
+apart (so a slow in-place writer, whose first half may be valid YAML, is never read
+halfway); files still changing after ``SETTLE_LIMIT`` refuse the reload (the writes that
+go on bring another one). The file is re-read and hashed; an unchanged hash is a no-op.
+A file that fails to parse or validate is refused with one logged error naming the line,
+and the last good snapshot keeps serving. DNS backends are re-resolved every
+``dns_refresh`` under the same snapshot.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from watchfiles import awatch
@@ -25,6 +32,45 @@ from router.endpoint import EndpointRegistry
 from router.snapshot import Snapshot
 
 log = logging.getLogger("routeyard.reload")
+
+#: A reload reads files that kept their size, mtime and inode for ``SETTLE_POLLS`` polls
+#: ``SETTLE_STEP`` seconds apart, waiting at most ``SETTLE_LIMIT`` seconds for that.
+SETTLE_STEP = 0.05
+SETTLE_POLLS = 4
+SETTLE_LIMIT = 3.0
+
+#: (size, mtime in ns, inode) of each file, None for one that is missing.
+FileStates = tuple[tuple[int, int, int] | None, ...]
+
+
+def file_states(paths: Iterable[Path]) -> FileStates:
+    states: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            states.append(None)
+        else:
+            states.append((st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(states)
+
+
+async def settled(paths: Iterable[Path], step: float = SETTLE_STEP, polls: int = SETTLE_POLLS,
+                  limit: float = SETTLE_LIMIT) -> bool:
+    """Wait until no file of ``paths`` changed for ``polls`` polls ``step`` s apart; False
+    if they were still changing after ``limit`` s."""
+    files = tuple(paths)
+    deadline = time.monotonic() + limit
+    last = file_states(files)
+    same = 0
+    while same < polls:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(step)
+        now = file_states(files)
+        same = same + 1 if now == last else 0
+        last = now
+    return True
 
 
 class ConfigHolder:
@@ -38,6 +84,8 @@ class ConfigHolder:
         self.last_error: str | None = None
         self.tasks: set[asyncio.Task[object]] = set()
         self._lock = asyncio.Lock()
+        #: How a reload waits for the files to stop changing (see ``settled``).
+        self.settle = (SETTLE_STEP, SETTLE_POLLS, SETTLE_LIMIT)
         self.current: Snapshot
         #: Told every load: (result, snapshot now served); result is None for the first
         #: load, else "ok", "error" or "unchanged" (metrics and the batch service listen).
@@ -60,9 +108,14 @@ class ConfigHolder:
         return config.health_checks, config.outlier_detection
 
     async def reload(self) -> bool:
-        """Re-read the file; swap in a new snapshot if it changed and is valid."""
+        """Re-read the file once it is stable; swap in a new snapshot if it changed and
+        is valid."""
         async with self._lock:
+            step, polls, limit = self.settle
             try:
+                if not await settled(self._files(), step, polls, limit):
+                    raise ConfigError(str(self.path), f"still being written after {limit:g} s "
+                                      "(its size or mtime kept changing); not read")
                 config = load_file(self.path)
             except ConfigError as exc:
                 self.reloads["error"] += 1
@@ -84,12 +137,15 @@ class ConfigHolder:
                      config.sha256, len(config.models))
             return True
 
+    def _files(self) -> list[Path]:
+        """The routes file and the key files its ``auth:`` block reads."""
+        auth = self.current.config.auth
+        return [self.path, *(auth.watch_paths if auth else ())]
+
     def watched(self) -> set[Path]:
         """The directories to watch: the routes file's, and those of the key files its
         ``auth:`` block reads (a Secret volume is usually mounted apart)."""
-        auth = self.current.config.auth
-        files = [self.path, *(auth.watch_paths if auth else ())]
-        return {f.absolute().parent for f in files}
+        return {f.absolute().parent for f in self._files()}
 
     def _relevant(self, _change: object, path: str) -> bool:
         """A change to a watched file, or a Kubernetes volume swap (``..data``, ``..2026_``);

@@ -6,8 +6,11 @@ Routes (all under ``/v1``): ``POST/GET /files``, ``GET/DELETE /files/<id>``,
 content downloads are streamed, so neither holds a file in memory.
 
 ``tenant_of(request)`` names the caller's tenant (None when auth is off); it may be
-async and may raise (e.g. a 401 RouterError), which is answered as is. Router errors
-leave in OpenAI's envelope from here, whatever the app's own error handler does.
+async and may raise (e.g. a 401 RouterError), which is answered as is. Files and batches
+belong to the tenant; a new batch also records the caller's API key, as the service's
+dispatcher names it (``Dispatcher.key_of``), and its lines run with that key's rules.
+Router errors leave in OpenAI's envelope from here, whatever the app's own error handler
+does.
 """
 
 from __future__ import annotations
@@ -111,7 +114,8 @@ def register(app: DefaultSanic, service: BatchService, tenant_of: TenantOf = _no
         except orjson.JSONDecodeError:
             raise BadRequest("The body must be JSON: {\"input_file_id\", \"endpoint\", "
                              "\"completion_window\"}.") from None
-        return _json(await service.create_batch(who, params))
+        key = service.key_of(request.headers)
+        return _json(await service.create_batch(who, params, key))
 
     @route("/batches", "GET", "list_batches")
     async def list_batches(request: Request, who: str | None) -> HTTPResponse:

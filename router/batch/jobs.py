@@ -4,9 +4,11 @@
                            in_progress ─► expired                (past expires_at)
     validating | in_progress ─► cancelling ─► cancelled          (set by the API)
 
-Lines already in the checkpoint (``batch_results``) are never sent again; each finished
-line is checkpointed with the counters in one transaction fenced by the lease epoch,
-so a worker that lost its lease can neither record nor finalize.
+Every line is checked and sent as the API key that created the batch (``key_id``): its
+models, and its rate limits (a line over them gets a 429, retried with backoff like any
+overload). Lines already in the checkpoint (``batch_results``) are never sent again; each
+finished line is checkpointed with the counters in one transaction fenced by the lease
+epoch, so a worker that lost its lease can neither record nor finalize.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ class Job:
     async def _validate(self) -> bool:
         config = self.config
         try:
-            result = await validate(self._input(), self.row.endpoint, self.row.tenant or None,
+            result = await validate(self._input(), self.row.endpoint, self.row.key_id,
                                     self.ctx.dispatcher, config.max_requests,
                                     config.max_embedding_inputs, config.max_reported_errors)
         except LineTooLong as exc:
@@ -315,7 +317,7 @@ class Job:
         while True:
             try:
                 status, payload = await self.ctx.dispatcher.dispatch(self.row.endpoint, body,
-                                                                      self.row.tenant or None)
+                                                                      self.row.key_id)
             except Exception as exc:  # a broken dispatcher must not wedge the batch
                 log.exception("batch %s: dispatcher raised", self.id)
                 status, payload = 502, orjson.dumps({"error": {

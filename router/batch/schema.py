@@ -1,7 +1,8 @@
 """Tables of the Files and Batch API (SQLAlchemy Core; migrations in ``migrations/``).
 
 Times are unix seconds (ints, as the API shows them) except ``lease_until`` (float).
-The tenant of auth-off deployments is stored as ``""`` so ownership is one equality.
+The tenant of auth-off deployments is stored as ``""`` so ownership is one equality;
+ownership is the tenant's, permissions and rate limits the creating key's (``key_id``).
 ``seq`` orders lists stably (creation order) and is the pagination key behind ``after``.
 """
 
@@ -53,6 +54,10 @@ batches = Table(
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("id", String(64), nullable=False, unique=True),
     Column("tenant", String(255), nullable=False),
+    #: The id of the API key that created the batch: its lines are checked against that
+    #: key's models and charged to its limits. NULL when auth was off (and for batches
+    #: created before 0002, which then run only while auth stays off).
+    Column("key_id", String(255)),
     Column("endpoint", String(64), nullable=False),
     Column("input_file_id", String(64), nullable=False),
     Column("completion_window", String(16), nullable=False),

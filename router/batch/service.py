@@ -2,14 +2,15 @@
 
 Made at import without I/O; ``start()`` opens the database (running migrations), the
 object store and ``config.workers`` workers; ``close()`` drains and closes them. The
-HTTP layer (``api.register``) calls the methods below with the caller's tenant.
+HTTP layer (``api.register``) calls the methods below with the caller's tenant; a new
+batch also records the caller's API key (``key_of``), whose rules its lines run under.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -62,6 +63,7 @@ class BatchService:
         self.clock = clock
         self._db: MetaStore | None = None
         self._objects: Objects | None = None
+        self._dispatcher: Dispatcher | None = None
         self.pool: WorkerPool | None = None
 
     # lifecycle -----------------------------------------------------------------------
@@ -73,6 +75,7 @@ class BatchService:
         await migrate(engine, self.config.database_schema)
         self._db = MetaStore(engine)
         self._objects = Objects(open_store(self.config.storage))
+        self._dispatcher = dispatcher
         count = self.config.workers if workers is None else workers
         if dispatcher is not None and count > 0:
             ctx = Context(self.db, self.objects, dispatcher, self.config, self.clock)
@@ -124,6 +127,11 @@ class BatchService:
     def now(self) -> int:
         return int(self.clock())
 
+    def key_of(self, headers: Mapping[str, str]) -> str | None:
+        """The API key a request presents, as the routing core names it (None without a
+        dispatcher, or when the core has no authentication)."""
+        return None if self._dispatcher is None else self._dispatcher.key_of(headers)
+
     # files -------------------------------------------------------------------------
 
     async def add_file(self, tenant: str | None, values: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +181,10 @@ class BatchService:
 
     # batches -----------------------------------------------------------------------
 
-    async def create_batch(self, tenant: str | None, params: Any) -> dict[str, Any]:
+    async def create_batch(self, tenant: str | None, params: Any,
+                           key: str | None = None) -> dict[str, Any]:
+        """A new batch of ``tenant``'s, created with API key ``key`` (its lines run with
+        that key's models and limits)."""
         if not isinstance(params, dict):
             raise InvalidBatch("The body must be a JSON object.")
         input_file_id = params.get("input_file_id")
@@ -198,7 +209,7 @@ class BatchService:
         now = self.now()
         batch_id = new_id("batch_")
         await self.db.insert_batch({
-            "id": batch_id, "tenant": _tenant(tenant), "endpoint": endpoint,
+            "id": batch_id, "tenant": _tenant(tenant), "key_id": key, "endpoint": endpoint,
             "input_file_id": input_file_id, "completion_window": "24h", "status": "validating",
             "created_at": now, "expires_at": int(now + self.config.completion_window),
             "metadata": None if metadata is None else orjson.dumps(metadata).decode(),

@@ -2,7 +2,9 @@
 
 A batch with any bad line fails as a whole (OpenAI's behaviour): its ``errors.data``
 lists the problems with their line numbers, and nothing runs. The checks need no
-engine: routing questions go to ``Dispatcher.check``.
+engine: routing questions go to ``Dispatcher.check``, for the key that created the
+batch. Messages quote a client's values (custom_id, url, method) cut to 256 characters:
+up to ``max_reported_errors`` of them are stored with the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import orjson
 
 from router.batch.dispatch import Dispatcher
+from router.errors import shown
 
 log = logging.getLogger("routeyard.batch")
 
@@ -33,11 +36,16 @@ class Validation:
         return next(iter(self.models)) if len(self.models) == 1 else None
 
 
+def _repr(value: Any) -> str:
+    """A client's value as a message quotes it (``repr``, at most ``shown``'s length)."""
+    return shown(repr(value))
+
+
 def _error(code: str, message: str, line: int | None, param: str | None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": param, "line": line}
 
 
-def check_line(number: int, raw: bytes, endpoint: str, tenant: str | None,
+def check_line(number: int, raw: bytes, endpoint: str, key: str | None,
                dispatcher: Dispatcher, seen: set[str],
                result: Validation) -> dict[str, Any] | None:
     """The first problem of one line, or None (and the line is counted)."""
@@ -53,15 +61,16 @@ def check_line(number: int, raw: bytes, endpoint: str, tenant: str | None,
                       number, "custom_id")
     if custom_id in seen:
         return _error("duplicate_custom_id",
-                      f"The custom_id `{custom_id}` for this request is a duplicate of another "
-                      "request; custom_id must be unique within a batch.", number, "custom_id")
+                      f"The custom_id `{shown(custom_id)}` for this request is a duplicate of "
+                      "another request; custom_id must be unique within a batch.", number,
+                      "custom_id")
     seen.add(custom_id)
     if obj.get("method") != "POST":
-        return _error("invalid_method", f"method is {obj.get('method')!r}; only POST is "
+        return _error("invalid_method", f"method is {_repr(obj.get('method'))}; only POST is "
                       "supported.", number, "method")
     url = obj.get("url")
     if url != endpoint:
-        return _error("invalid_url", f"url is {url!r} but the batch's endpoint is {endpoint}; "
+        return _error("invalid_url", f"url is {_repr(url)} but the batch's endpoint is {endpoint}; "
                       "every line must use the batch's endpoint.", number, "url")
     body = obj.get("body")
     if not isinstance(body, dict):
@@ -75,7 +84,7 @@ def check_line(number: int, raw: bytes, endpoint: str, tenant: str | None,
         return _error("missing_model", "body.model must name the model to use.",
                       number, "body.model")
     try:
-        problem = dispatcher.check(tenant, url, body)
+        problem = dispatcher.check(key, url, body)
     except Exception as exc:  # a broken check fails the line, not the worker
         log.exception("Dispatcher.check raised")
         problem = f"The router could not check this request ({type(exc).__name__})."
@@ -90,7 +99,7 @@ def check_line(number: int, raw: bytes, endpoint: str, tenant: str | None,
     return None
 
 
-async def validate(lines: AsyncIterator[tuple[int, bytes]], endpoint: str, tenant: str | None,
+async def validate(lines: AsyncIterator[tuple[int, bytes]], endpoint: str, key: str | None,
                    dispatcher: Dispatcher, max_requests: int, max_embedding_inputs: int,
                    max_reported: int) -> Validation:
     result = Validation()
@@ -104,7 +113,7 @@ async def validate(lines: AsyncIterator[tuple[int, bytes]], endpoint: str, tenan
     async for number, raw in lines:
         if not raw.strip():
             continue
-        error = check_line(number, raw, endpoint, tenant, dispatcher, seen, result)
+        error = check_line(number, raw, endpoint, key, dispatcher, seen, result)
         if error is not None:
             report(error)
         if number % 512 == 0:

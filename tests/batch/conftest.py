@@ -257,7 +257,9 @@ def read_lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any
 
 
 async def submit(service: BatchService, lines: list[Any], tenant: str | None = None,
-                 endpoint: str = "/v1/chat/completions") -> str:
+                 endpoint: str = "/v1/chat/completions", key: str | None = None) -> str:
+    """A batch of ``tenant``'s, created with API key ``key`` (default: the tenant's id, as
+    the test server names keys)."""
     data = jsonl(lines)
     file_id = new_id("file-")
 
@@ -270,7 +272,8 @@ async def submit(service: BatchService, lines: list[Any], tenant: str | None = N
         "lines": len(lines), "created_at": service.now(), "expires_at": None,
         "status": "processed", "object_key": Objects.key(file_id)})
     made = await service.create_batch(tenant, {"input_file_id": file_id, "endpoint": endpoint,
-                                               "completion_window": "24h"})
+                                               "completion_window": "24h"},
+                                        key=tenant if key is None else key)
     return made["id"]
 
 

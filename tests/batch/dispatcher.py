@@ -1,15 +1,17 @@
 """A real ``Dispatcher`` for tests: model name → fake engine, forwarded with httpx.
 
-It plays the routing core's part: ``check`` enforces a per-model endpoint allowlist and a
-per-tenant model allowlist; ``dispatch`` POSTs to the engine and answers router-style
-errors (502 in OpenAI's envelope) when the engine cannot be reached; ``pressure`` is a
-value the test sets. It also counts what it sent, for assertions.
+It plays the routing core's part: ``key_of`` reads the key id from ``Bearer key-<id>``
+(the test server's tenant of that key is the same id); ``check`` enforces a per-model
+endpoint allowlist and a per-key model allowlist; ``dispatch`` POSTs to the engine and
+answers router-style errors (502 in OpenAI's envelope) when the engine cannot be reached;
+``pressure`` is a value the test sets. It also counts what it sent, for assertions.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -36,7 +38,11 @@ class EngineDispatcher:
         self._client: httpx.AsyncClient | None = None
         self._headers = {"content-type": "application/json", "x-batch-worker": str(os.getpid())}
 
-    def check(self, tenant: str | None, url: str, body: dict) -> str | None:
+    def key_of(self, headers: Mapping[str, str]) -> str | None:
+        key = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return key[4:] if key.startswith("key-") else None
+
+    def check(self, key: str | None, url: str, body: dict) -> str | None:
         model = body.get("model")
         route = self.models.get(model) if isinstance(model, str) else None
         if route is None:
@@ -44,12 +50,12 @@ class EngineDispatcher:
         if url not in route.endpoints:
             return (f"The endpoint {url} is not enabled for model `{model}`; enabled: "
                     f"{', '.join(route.endpoints)}.")
-        allowed = self.tenants.get(tenant or "")
+        allowed = self.tenants.get(key or "")
         if allowed is not None and model not in allowed:
             return f"The model `{model}` is not allowed for this API key."
         return None
 
-    async def dispatch(self, url: str, body: bytes, tenant: str | None) -> tuple[int, bytes]:
+    async def dispatch(self, url: str, body: bytes, key: str | None) -> tuple[int, bytes]:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=30, limits=httpx.Limits(
                 max_connections=512, max_keepalive_connections=64))

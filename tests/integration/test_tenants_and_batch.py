@@ -1,4 +1,8 @@
-"""API keys, per-key models and limits, and the Files/Batch API, through a real router."""
+"""API keys, per-key models and limits, and the Files/Batch API, through a real router.
+
+Batches run as the key that created them: that key's models and rate limits, not its
+tenant's (``keyed``: two keys of one tenant, and a metered key).
+"""
 
 from __future__ import annotations
 
@@ -154,3 +158,113 @@ def test_engine_api_key_replaces_the_client_key(engines: dict, launch_router, fa
     seen = [x for x in httpx.get(engines["generate"] + "/_fake/requests").json()
             if x["headers"].get("x-request-id") == request_id]
     assert seen[0]["headers"]["authorization"] == "Bearer engine-secret"
+
+
+# -- batches run as the key that created them --------------------------------------------
+
+KEY_BASIC = "ry-acme-basic-" + "d" * 40
+KEY_PREMIUM = "ry-acme-premium-" + "e" * 40
+KEY_METERED = "ry-metered-" + "f" * 40
+
+
+def keyed_yaml(engines: dict, tmp: Path) -> str:
+    models = "".join(
+        f"  {name}:\n    backends:\n      - url: {engines['generate']}\n"
+        "    endpoints: [chat]\n    backend_model: chat-model\n"
+        for name in ("chat-a", "chat-a-premium"))
+    keys = [("acme-basic", KEY_BASIC, "[chat-a]", None),
+            ("acme-premium", KEY_PREMIUM, "[chat-a, chat-a-premium]", None),
+            ("metered", KEY_METERED, "[chat-a]", "{rpm: 30}")]
+    lines = ["auth:", "  keys:"]
+    for key_id, key, allowed, limits in keys:
+        lines += [f"    - id: {key_id}", f"      hash: {hash_key(key)}",
+                  f"      models: {allowed}"]
+        lines += ["      tenant: acme"] if key_id.startswith("acme") else []
+        lines += [f"      limits: {limits}"] if limits else []
+    lines += ["batch:", f"  database_url: sqlite+aiosqlite:///{tmp}/batch.db",
+              f"  storage: {{url: {tmp}/files}}", "  poll_interval: 100ms"]
+    return routes_yaml(engines, models) + "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def keyed(engines: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    tmp = tmp_path_factory.mktemp("keyed")
+    with start_router(tmp, keyed_yaml(engines, tmp)) as router:
+        yield router
+
+
+def _chat_lines(prefix: str, model: str, count: int) -> bytes:
+    return "\n".join(json.dumps({
+        "custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "max_tokens": 1,
+                 "messages": [{"role": "user", "content": f"{prefix}-{i}"}]}})
+        for i in range(count)).encode()
+
+
+def _run_batch(client: openai.OpenAI, data: bytes) -> openai.types.Batch:
+    upload = client.files.create(file=("in.jsonl", data), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    return wait_until(lambda: (b := client.batches.retrieve(batch.id)).status in (
+        "completed", "failed", "expired", "cancelled") and b, 30, f"batch {batch.id} ends")
+
+
+def test_a_batch_runs_with_the_models_of_its_key_not_of_its_tenant(
+        keyed: Router, engines: dict, fake_only: None) -> None:
+    """acme-basic and acme-premium are keys of one tenant: a batch of the basic key may
+    not use chat-a-premium, as its online requests may not."""
+    basic, premium = sdk(keyed, KEY_BASIC), sdk(keyed, KEY_PREMIUM)
+    with pytest.raises(openai.NotFoundError) as info:
+        basic.chat.completions.create(model="chat-a-premium", max_tokens=1,
+                                      messages=[{"role": "user", "content": "a"}])
+    assert info.value.code == "model_not_found"
+    batch = _run_batch(basic, _chat_lines("basic-premium", "chat-a-premium", 3))
+    assert batch.status == "failed" and batch.errors is not None
+    assert [(e.code, e.line) for e in batch.errors.data] == [
+        ("model_not_available", 1), ("model_not_available", 2), ("model_not_available", 3)]
+    assert all("`chat-a-premium` does not exist" in (e.message or "")
+               for e in batch.errors.data)
+    batch = _run_batch(premium, _chat_lines("premium-premium", "chat-a-premium", 3))
+    assert batch.status == "completed" and batch.request_counts.completed == 3
+    markers = [str((r.get("json") or {}).get("messages", [{}])[0].get("content"))
+               for r in httpx.get(engines["generate"] + "/_fake/requests").json()]
+    assert not [m for m in markers if m.startswith("basic-premium")]
+    assert len([m for m in markers if m.startswith("premium-premium")]) == 3
+
+
+def test_batch_lines_count_toward_the_keys_online_rate_limit(keyed: Router) -> None:
+    """A key of 30 requests a minute runs a batch of 10 lines: about 20 online requests
+    are left to it (plus what refills meanwhile: one every 2 s), not 30."""
+    metered = sdk(keyed, KEY_METERED)
+    batch = _run_batch(metered, _chat_lines("metered", "chat-a", 10))
+    assert batch.status == "completed" and batch.request_counts.completed == 10
+    ok = 0
+    for _ in range(40):
+        r = keyed.client.post("/v1/chat/completions", headers={
+            "authorization": f"Bearer {KEY_METERED}"}, json={
+            "model": "chat-a", "max_tokens": 1, "messages": [{"role": "user", "content": "a"}]})
+        if r.status_code == 429:
+            break
+        assert r.status_code == 200, r.text
+        ok += 1
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 18 <= ok <= 24, f"{ok} online requests passed after a batch of 10 (rpm 30)"
+
+
+def test_batch_errors_quote_client_values_cut_short(keyed: Router) -> None:
+    """A 100,000-character model name and custom_id come back cut to 256 characters."""
+    premium = sdk(keyed, KEY_PREMIUM)
+    long_id, long_model = "i" * 100_000, "m" * 100_000
+    lines = [{"custom_id": long_id, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "chat-a", "messages": [{"role": "user", "content": "a"}]}},
+             {"custom_id": long_id, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": long_model, "messages": [{"role": "user", "content": "a"}]}},
+             {"custom_id": "other", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": long_model, "messages": [{"role": "user", "content": "a"}]}}]
+    batch = _run_batch(premium, "\n".join(json.dumps(x) for x in lines).encode())
+    assert batch.status == "failed" and batch.errors is not None
+    found = {(e.line, e.code): e.message or "" for e in batch.errors.data}
+    assert set(found) == {(2, "duplicate_custom_id"), (3, "model_not_available")}
+    assert all(len(message) < 400 for message in found.values()), found
+    assert "i" * 256 + "…`" in found[(2, "duplicate_custom_id")]
+    assert "m" * 256 + "…`" in found[(3, "model_not_available")]
