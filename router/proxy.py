@@ -30,6 +30,7 @@ from router.errors import (
     ModelNotFound,
     PayloadTooLarge,
     ResponseNotFound,
+    shown,
     stream_error_event,
 )
 from router.model_field import (
@@ -125,9 +126,10 @@ async def admit(
     model = snapshot.models.get(name)
     if principal is not None and not principal.can_use(name):
         model = None  # do not reveal models this key may not see
-    record.model = name
     if model is None:
+        record.model = shown(name)  # a client's name may be a megabyte: logs quote it short
         raise ModelNotFound(name)
+    record.model = name
     record.label_model = model.name
     record.backend_model = model.backend_model
     if group not in model.groups:

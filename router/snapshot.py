@@ -60,13 +60,6 @@ class Snapshot:
             body = self.models_bodies[tenant.key_id] = _models_body(names, self.loaded_at)
         return body
 
-    def tenant_can_use(self, tenant_id: str | None, model: str) -> bool:
-        """For batch lines, which carry the tenant id only: any key of it may use ``model``."""
-        if self.auth is None or tenant_id is None:
-            return True
-        return any(t.tenant_id == tenant_id and t.can_use(model)
-                   for t in self.auth.tenants.values())
-
     @property
     def fingerprint(self) -> tuple[str, str | None]:
         """What a reload compares: the routes file and the keys it points at."""

@@ -90,6 +90,14 @@ async def test_unknown_model_is_not_found(snap: Snapshot) -> None:
     assert record.backend_model is None
 
 
+async def test_a_huge_unknown_name_is_recorded_short(snap: Snapshot) -> None:
+    """The record feeds the access log and traces: a megabyte name must not reach them."""
+    record = new_record()
+    with pytest.raises(ModelNotFound):
+        await admit_json(snap, b'{"model":"' + b"x" * 1_000_000 + b'"}', record=record)
+    assert record.model is not None and len(record.model) <= 300
+
+
 async def test_model_hidden_from_the_principal_gets_the_same_error(snap: Snapshot) -> None:
     with pytest.raises(ModelNotFound) as unknown:
         await admit_json(snap, b'{"model":"ghost"}', principal=Allow("plain"))
