@@ -6,11 +6,37 @@ the balancer for the best available endpoint and counts it in flight; when every
 endpoint is at its ``max_in_flight`` (or the model is at its own), the request waits in a
 bounded queue for a bounded time, then gets 429; when no endpoint is healthy at all, it
 gets 503 at once. Leaving the block frees the slot and wakes the next waiter.
+
+A cluster also keeps outlier detection from taking its model down (Envoy's
+``max_ejection_percent`` and panic threshold):
+
+- **the cap** (``may_eject``): with ``n`` members, an ejection goes ahead only if at most
+  ``floor(n * max_ejection_percent / 100)`` members are then out of rotation (ejected or
+  failing active checks). Below 100 at least one member stays in, so a one-backend model is
+  never ejected; the refused endpoint keeps its streak and is ejected by a later failure
+  once the model can spare it.
+- **panic mode** (``review``): while fewer than ``panic_threshold`` percent of the members
+  are in rotation (``up * 100 < panic_threshold * n``), the ejections of its members are
+  waived, so every member that passes active checks gets traffic (ejected or not) rather
+  than the model answering 503. Members failing active checks stay out: their engine does
+  not answer ``/health``. Panic mode is entered and left on health transitions and member
+  changes, not computed per pick.
+
+Why at ejection time (and on transitions), not at pick time: an endpoint is shared by
+every model that lists its URL (the registry keys endpoints by URL), and the balancers read
+one ``endpoint.up`` per candidate on the hot path. A per-model view at pick time would cost
+every pick a look at its model's members and need a balancer protocol of its own; instead
+an endpoint is ejected only if *every* model it serves can spare it
+(``Endpoint.may_eject``), and its ejection is waived while *any* of them is in panic mode
+(``Endpoint.review_waiver``). The strictest model wins: a model may keep sending to a
+backend another one shares, never lose its last one. The clusters of older snapshots that
+requests in flight still hold count too, until those requests end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -22,6 +48,8 @@ from router.balancer import Balancer, make_balancer
 from router.config import ModelConfig, OutlierDetection
 from router.endpoint import Endpoint, Member
 from router.errors import NoHealthyBackend, QueueTimeout
+
+log = logging.getLogger("routeyard.cluster")
 
 
 class Cluster:
@@ -41,6 +69,9 @@ class Cluster:
         #: may not use (those it tried already).
         self.waiters: deque[tuple[asyncio.Future[None], set[Endpoint]]] = deque()
         self.members: tuple[Member, ...] = ()
+        self.member_set: frozenset[Endpoint] = frozenset()
+        #: Too few members in rotation: their ejections are waived (module docstring).
+        self.panic = False
         self.balancer: Balancer = make_balancer(config, ())
         self.set_members(members)
 
@@ -49,11 +80,17 @@ class Cluster:
         return tuple(m.endpoint for m in self.members)
 
     def set_members(self, members: Iterable[Member]) -> None:
-        """Swap in a new member set (DNS refresh); the balancer is rebuilt whole."""
+        """Swap in a new member set (DNS refresh); the balancer is rebuilt whole, panic
+        mode reviewed for the new set (and the waivers of members that left)."""
+        before = self.member_set
         self.members = tuple(members)
+        self.member_set = frozenset(m.endpoint for m in self.members)
         for member in self.members:
             member.endpoint.clusters.add(self)
         self.balancer = make_balancer(self.config, self.members)
+        self.panic = self._panics()
+        for endpoint in before | self.member_set:
+            endpoint.review_waiver()
         self.wake_all()
 
     def any_up(self, exclude: frozenset[Endpoint] | set[Endpoint] = frozenset()) -> bool:
@@ -166,8 +203,45 @@ class Cluster:
     def succeeded(self, endpoint: Endpoint) -> None:
         endpoint.health.request_succeeded()
 
-    def failed(self, endpoint: Endpoint, error: str) -> None:
-        endpoint.health.request_failed(error, self.outlier)
+    def failed(self, endpoint: Endpoint, error: str, status: int | None = None) -> None:
+        """A request failed at ``endpoint``: no answer (``status`` None) or a 5xx one."""
+        endpoint.health.request_failed(error, self.outlier, status, endpoint.may_eject)
+
+    # -- outlier detection's cap and panic mode (module docstring) ----------------------
+    def may_eject(self, endpoint: Endpoint) -> bool:
+        """Whether this model can spare ``endpoint``: with it out, at most
+        ``floor(n * max_ejection_percent / 100)`` of its ``n`` members out of rotation."""
+        if endpoint not in self.member_set:
+            return True  # a member of this cluster once (a DNS refresh dropped it)
+        out = sum(1 for m in self.members
+                  if m.endpoint is endpoint or not m.endpoint.health.in_rotation)
+        return out * 100 <= self.outlier.max_ejection_percent * len(self.members)
+
+    def panics_for(self, endpoint: Endpoint) -> bool:
+        """Whether this model, in panic mode, routes to ``endpoint`` even if ejected."""
+        return self.panic and endpoint in self.member_set
+
+    def _panics(self) -> bool:
+        members = self.members
+        up = sum(1 for m in members if m.endpoint.health.in_rotation)
+        return up * 100 < self.outlier.panic_threshold * len(members)
+
+    def review(self) -> None:
+        """Enter or leave panic mode after a member's health changed."""
+        panic = self._panics()
+        if panic == self.panic:
+            return
+        self.panic = panic
+        up = sum(1 for m in self.members if m.endpoint.health.in_rotation)
+        if panic:
+            log.warning("model %s: %d of %d backends up, under panic_threshold %d%%: its "
+                        "ejected backends get traffic again", self.name, up,
+                        len(self.members), self.outlier.panic_threshold)
+        else:
+            log.warning("model %s: %d of %d backends up, panic mode over", self.name, up,
+                        len(self.members))
+        for endpoint in self.member_set:
+            endpoint.review_waiver()
 
     # -- views ------------------------------------------------------------------------
     def retry_after(self) -> int:

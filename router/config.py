@@ -128,10 +128,32 @@ class HealthChecks(_Strict):
 
 
 class OutlierDetection(_Strict):
-    """Passive checks: eject a backend after consecutive failures of real requests."""
+    """Passive checks: eject a backend after failures of real requests in a row, as Envoy's
+    outlier detection does, within a per-model cap, with a panic mode (``router.health``
+    and ``router.cluster`` have the state machine and the formulas).
 
+    A connection failure says much more about a backend than a 500 answer, which any client
+    can provoke (a body the engine fails on): like Envoy's ``consecutive_gateway_failure``
+    and ``consecutive_5xx``, two streaks are counted, with thresholds of their own."""
+
+    #: Gateway failures in a row that eject: connect error or timeout, reset, invalid HTTP,
+    #: no headers within ``first_byte``, a 502/503/504 answer (Envoy's
+    #: ``consecutive_gateway_failure``).
     consecutive_failures: int = Field(default=5, ge=1)
+    #: Failures of any kind in a row that eject, 500 answers included: a 500 resets the
+    #: gateway streak but not this one (Envoy's ``consecutive_5xx``).
+    consecutive_5xx: int = Field(default=20, ge=1)
     ejection: Duration = 30.0
+    #: The most of a model's backends that may be out of rotation (ejected or failing
+    #: active checks) for an ejection to go ahead: ``floor(n * p / 100)``. Below 100 at
+    #: least one backend stays in, so a model with one backend is never ejected.
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)
+    #: Under this share of a model's backends up (healthy and not ejected), its ejected
+    #: backends get traffic again (those failing active checks do not). 0 turns it off.
+    panic_threshold: int = Field(default=50, ge=0, le=100)
+    #: A passing active check ends an ejection at once (Envoy's
+    #: ``successful_active_health_check_uneject_host``); false: the cool-down runs out.
+    uneject_on_health_check: bool = True
 
 
 Policy = Literal["round_robin", "least_request", "session", "prefix"]

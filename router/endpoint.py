@@ -15,12 +15,19 @@ from router.health import Health, HealthBoard
 from router.upstream import Origin, Pool, Transport
 
 
-class SlotWaiter(Protocol):
-    """Something that waits for a free slot at an endpoint (a cluster's queue)."""
+class ClusterView(Protocol):
+    """A cluster as its endpoints see it: its queue waits for their slots, and it has a
+    say in their ejection (``router.cluster.Cluster``)."""
 
     def wake_one(self, freed: Endpoint | None = None) -> None: ...
 
     def wake_all(self) -> None: ...
+
+    def may_eject(self, endpoint: Endpoint) -> bool: ...
+
+    def panics_for(self, endpoint: Endpoint) -> bool: ...
+
+    def review(self) -> None: ...
 
 
 class Endpoint:
@@ -42,7 +49,7 @@ class Endpoint:
         self.api_key_header: str | None = None
         #: The clusters this endpoint is a member of, this snapshot's and those of older
         #: snapshots that requests in flight still hold: a slot freed here wakes them all.
-        self.clusters: weakref.WeakSet[SlotWaiter] = weakref.WeakSet()
+        self.clusters: weakref.WeakSet[ClusterView] = weakref.WeakSet()
 
     @property
     def up(self) -> bool:
@@ -52,6 +59,19 @@ class Endpoint:
     @property
     def has_capacity(self) -> bool:
         return self.max_in_flight is None or self.in_flight < self.max_in_flight
+
+    def may_eject(self) -> bool:
+        """Whether outlier detection may eject this endpoint: only if every cluster it is a
+        member of can spare it (``Cluster.may_eject``; see ``router.cluster``)."""
+        return all(cluster.may_eject(self) for cluster in list(self.clusters))
+
+    def review_waiver(self) -> None:
+        """Waive this endpoint's ejection while a model it serves is in panic mode
+        (``Cluster.review``); wake the queues it can serve once that makes it up."""
+        clusters = list(self.clusters)
+        if self.health.waive(any(cluster.panics_for(self) for cluster in clusters)):
+            for cluster in clusters:
+                cluster.wake_all()
 
     def describe(self) -> dict[str, object]:
         return {
@@ -84,10 +104,16 @@ class EndpointRegistry:
         self.board.listeners.append(self._health_changed)
 
     def _health_changed(self, health: Health, before: str, after: str) -> None:
-        """An endpoint that may get traffic again wakes the queues that wait for one."""
+        """The models of an endpoint that changed review their panic mode; an endpoint
+        that may get traffic again wakes the queues that wait for one."""
         endpoint = self.by_key.get(health.key)
-        if endpoint is not None and health.up:
-            for cluster in list(endpoint.clusters):
+        if endpoint is None:
+            return
+        clusters = list(endpoint.clusters)
+        for cluster in clusters:
+            cluster.review()
+        if health.up:
+            for cluster in clusters:
                 cluster.wake_all()
 
     def get(self, url: str, address: str | None = None) -> Endpoint:

@@ -2,15 +2,23 @@
 
 ``Health`` is the only place that decides whether an endpoint may get traffic. Reports
 come in (a request succeeded or failed, an active check or an ejection probe answered);
-transitions go out to the listeners of its ``HealthBoard`` (the log, the checker that
-probes an ejected endpoint after its cool-down). Two independent conditions make an
-endpoint unusable:
+transitions go out to the listeners of its ``HealthBoard`` (the log, the registry that
+wakes queues and reviews panic mode, the checker that probes an ejected endpoint after its
+cool-down). Two independent conditions make an endpoint unusable:
 
 - **unhealthy**: ``unhealthy_threshold`` active checks failed in a row; it is healthy
   again after ``healthy_threshold`` successes in a row, so one lost probe does not flap it;
-- **ejected** (outlier detection): ``consecutive_failures`` real requests failed in a row;
-  no traffic for the cool-down, then one probe: a success lets it back in, a failure
-  starts another cool-down.
+- **ejected** (outlier detection): ``consecutive_failures`` gateway failures in a row
+  (connect error or timeout, reset, invalid HTTP, a 502/503/504 answer), or
+  ``consecutive_5xx`` failures of any kind in a row (a 500 answer counts only here: a client
+  can cause one). The ejection ends at once when an active check started after it passes
+  (``uneject_on_health_check``); else after the cool-down, one probe: a success lets it
+  back in, a failure starts another cool-down.
+
+An ejection goes ahead only when ``may_eject`` (from the endpoint: every model it serves
+can spare it, ``Cluster.may_eject``) says so; the streak keeps counting, so a later failure
+ejects once a model can spare it. An ejected endpoint is still **up** while its ejection is
+``waived``: a model it serves is in panic mode (``Cluster.review``).
 
 ``HealthChecker`` runs the active checks of one worker and the ejection probes.
 """
@@ -35,6 +43,9 @@ log = logging.getLogger("routeyard.health")
 HEALTHY, UNHEALTHY, EJECTED = "healthy", "unhealthy", "ejected"
 #: (health, state before, state after) for each transition.
 Listener = Callable[["Health", str, str], None]
+#: Answers that are gateway failures (Envoy's ``isGatewayError``); other failed answers
+#: (500) count toward ``consecutive_5xx`` only.
+GATEWAY_STATUSES = frozenset({502, 503, 504})
 
 
 class HealthBoard:
@@ -52,19 +63,28 @@ class Health:
     """The health of one endpoint: reports in, transitions out."""
 
     __slots__ = (
-        "active_failures", "active_successes", "board", "consecutive_failures", "ejected",
-        "ejected_until", "healthy", "key", "last_check", "last_error", "up",
+        "active_failures", "active_successes", "board", "consecutive_5xx",
+        "consecutive_failures", "ejected", "ejected_at", "ejected_until", "healthy", "key",
+        "last_check", "last_error", "up", "waived",
     )
 
     def __init__(self, key: str, board: HealthBoard) -> None:
         self.key = key
         self.board = board
-        #: Healthy and not ejected: may get traffic (capacity permitting).
+        #: Healthy, and not ejected or its ejection waived: may get traffic (capacity
+        #: permitting).
         self.up = True
         self.healthy = True
         self.ejected = False
+        #: A model this endpoint serves is in panic mode: routed to even while ejected.
+        self.waived = False
+        self.ejected_at = 0.0
         self.ejected_until = 0.0
+        #: Gateway failures in a row (compared with ``consecutive_failures``).
         self.consecutive_failures = 0
+        #: Failures of any kind in a row, 500 answers included (``consecutive_5xx``);
+        #: never less than ``consecutive_failures``.
+        self.consecutive_5xx = 0
         self.active_failures = 0
         self.active_successes = 0
         self.last_error: str | None = None
@@ -76,46 +96,92 @@ class Health:
             return EJECTED
         return HEALTHY if self.healthy else UNHEALTHY
 
+    @property
+    def in_rotation(self) -> bool:
+        """Healthy and not ejected, waivers aside: what caps and panic mode count."""
+        return self.healthy and not self.ejected
+
     def _set(self, healthy: bool, ejected: bool) -> None:
         before = self.state
         self.healthy = healthy
         self.ejected = ejected
-        self.up = healthy and not ejected
+        self.up = healthy and (not ejected or self.waived)
         after = self.state
         if after != before:
             self.board.notify(self, before, after)
 
+    def waive(self, waived: bool) -> bool:
+        """Set whether an ejection is waived (panic mode); True if that made it up."""
+        was = self.up
+        self.waived = waived
+        self.up = self.healthy and (not self.ejected or waived)
+        return self.up and not was
+
+    def _eject(self, outlier: OutlierDetection) -> None:
+        self.ejected_at = time.monotonic()
+        self.ejected_until = self.ejected_at + outlier.ejection
+        self._set(self.healthy, True)
+
+    def _forgive(self) -> None:
+        self.consecutive_failures = self.consecutive_5xx = 0
+
     # -- reports from real requests (passive outlier detection) ---------------------------
     def request_succeeded(self) -> None:
-        self.consecutive_failures = 0
+        if self.consecutive_5xx:  # the hot path: one read when there is nothing to reset
+            self._forgive()
 
-    def request_failed(self, error: str, outlier: OutlierDetection) -> None:
-        """A request failed at this endpoint (no connection, or a 5xx answer)."""
+    def request_failed(self, error: str, outlier: OutlierDetection,
+                       status: int | None = None,
+                       may_eject: Callable[[], bool] | None = None) -> None:
+        """A request failed at this endpoint: no answer (``status`` None: connect error,
+        timeout, reset, invalid HTTP) or a 5xx answer. ``may_eject`` (None: always) is
+        asked before an ejection."""
         self.last_error = error
-        self.consecutive_failures += 1
-        if not self.ejected and self.consecutive_failures >= outlier.consecutive_failures:
-            self.ejected_until = time.monotonic() + outlier.ejection
-            self._set(self.healthy, True)
+        self.consecutive_5xx += 1
+        if status is None or status in GATEWAY_STATUSES:
+            self.consecutive_failures += 1
+        else:
+            self.consecutive_failures = 0
+        if self.ejected:
+            return
+        gateway = self.consecutive_failures >= outlier.consecutive_failures
+        if not gateway and self.consecutive_5xx < outlier.consecutive_5xx:
+            return
+        if may_eject is None or may_eject():
+            self._eject(outlier)
+        elif (self.consecutive_failures == outlier.consecutive_failures
+              or self.consecutive_5xx == outlier.consecutive_5xx):
+            log.warning("backend %s not ejected after %d failures in a row (last: %s): a "
+                        "model it serves would keep too few backends (max_ejection_percent "
+                        "%d)", self.key, self.consecutive_5xx, error,
+                        outlier.max_ejection_percent)
 
     # -- reports from the checker ---------------------------------------------------------
-    def checked(self, error: str | None, checks: HealthChecks,
-                outlier: OutlierDetection) -> None:
-        """An active check answered (``error`` None) or failed; past an ejection's
-        cool-down it is also the ejection's probe."""
+    def checked(self, error: str | None, checks: HealthChecks, outlier: OutlierDetection,
+                started: float | None = None) -> None:
+        """An active check answered (``error`` None) or failed. A pass ends an ejection
+        that began before the check did (``started``, monotonic; None: any), with
+        ``uneject_on_health_check``; past an ejection's cool-down a check is also its
+        probe."""
         self.last_check = time.time()
         healthy = self.healthy
+        ejected = self.ejected
         if error is None:
             self.active_failures = 0
             self.active_successes += 1
             if not healthy and self.active_successes >= checks.healthy_threshold:
                 healthy = True
+            if (ejected and outlier.uneject_on_health_check
+                    and (started is None or started >= self.ejected_at)):
+                ejected = False
+                self._forgive()
         else:
             self.last_error = error
             self.active_successes = 0
             self.active_failures += 1
             if healthy and self.active_failures >= checks.unhealthy_threshold:
                 healthy = False
-        self._set(healthy, self.ejected)
+        self._set(healthy, ejected)
         if self.ejected and time.monotonic() >= self.ejected_until:
             self.probed(error, outlier)
 
@@ -124,7 +190,7 @@ class Health:
         if not self.ejected:
             return
         if error is None:
-            self.consecutive_failures = 0
+            self._forgive()
             self._set(self.healthy, False)
         else:
             self.last_error = error
@@ -133,7 +199,9 @@ class Health:
     def describe(self) -> dict[str, object]:
         return {
             "state": self.state,
+            "up": self.up,
             "consecutive_failures": self.consecutive_failures,
+            "consecutive_5xx": self.consecutive_5xx,
             "last_error": self.last_error,
             "last_check": self.last_check,
         }
@@ -141,8 +209,9 @@ class Health:
 
 def _log_transition(health: Health, before: str, after: str) -> None:
     if after == EJECTED:
-        log.warning("backend %s ejected for %.1fs after %d failures in a row (last: %s)",
-                    health.key, health.ejected_until - time.monotonic(),
+        log.warning("backend %s ejected for %.1fs after %d failures in a row (the last %d "
+                    "gateway failures; last: %s)", health.key,
+                    health.ejected_until - time.monotonic(), health.consecutive_5xx,
                     health.consecutive_failures, health.last_error)
     elif before == EJECTED:
         log.warning("backend %s is back after its ejection", health.key)
@@ -206,8 +275,9 @@ class HealthChecker:
 
     async def check(self, endpoint: Checked) -> None:
         checks, outlier = self.settings()
+        started = time.monotonic()
         error = await probe(endpoint, checks.path, checks.timeout)
-        endpoint.health.checked(error, checks, outlier)
+        endpoint.health.checked(error, checks, outlier, started)
 
     def _transition(self, health: Health, before: str, after: str) -> None:
         if after != EJECTED or health.key in self.probing:
@@ -222,9 +292,12 @@ class HealthChecker:
     async def _probe_after_cooldown(self, endpoint: Checked) -> None:
         health = endpoint.health
         while health.ejected:
-            await asyncio.sleep(max(0.0, health.ejected_until - time.monotonic()))
-            if not health.ejected:
-                return
+            # Until the end of the ejection in force now: a check may have ended the one
+            # this task was started for, and a later one begun.
+            remaining = health.ejected_until - time.monotonic()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+                continue
             checks, outlier = self.settings()
             health.probed(await probe(endpoint, checks.path, checks.timeout), outlier)
 

@@ -166,7 +166,7 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
                                         continue  # not this endpoint's to answer: the next, now
                                     raise NotHere
                             if status in FAILURE_STATUSES:
-                                cluster.failed(endpoint, f"status {status}")
+                                cluster.failed(endpoint, f"status {status}", status)
                                 retry = (status in RETRY_STATUSES and attempt < retries.attempts
                                          and cluster.any_up(tried | {endpoint}))
                             else:

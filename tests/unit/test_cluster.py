@@ -9,7 +9,7 @@ import pytest
 
 import router.cluster as cluster_module
 from router.cluster import Cluster
-from router.config import OutlierDetection
+from router.config import HealthChecks, OutlierDetection
 from router.endpoint import Endpoint, Member
 from router.errors import NoHealthyBackend, QueueTimeout
 from tests.unit.fleet_core import (
@@ -120,14 +120,144 @@ async def test_a_request_over_the_model_limit_queues_until_a_release(
 
 
 def test_succeeded_and_failed_feed_the_outlier_detection() -> None:
-    c = cluster(1, outlier=OutlierDetection(consecutive_failures=2, ejection=30))
-    (ep,) = c.endpoints
+    c = cluster(2, outlier=OutlierDetection(consecutive_failures=2, ejection=30))
+    ep = c.endpoints[0]
     c.failed(ep, "status 502")
     c.succeeded(ep)
     c.failed(ep, "status 502")
     assert ep.up
     c.failed(ep, "status 503")
     assert not ep.up and ep.health.last_error == "status 503"
+
+
+# -- outlier detection: the cap and panic mode ----------------------------------------------
+#: Three gateway failures eject, for 30 s; the cap and panic threshold at their defaults.
+OUTLIER = OutlierDetection(consecutive_failures=3, ejection=30)
+DOWN = HealthChecks(unhealthy_threshold=1)
+
+
+def fail(c: Cluster, ep: Endpoint, times: int = 3, status: int | None = 502) -> None:
+    for _ in range(times):
+        c.failed(ep, f"status {status}", status)
+
+
+def check_fails(ep: Endpoint) -> None:
+    ep.health.checked("health check: connection refused", DOWN, OUTLIER)
+
+
+def test_a_one_backend_model_is_never_ejected() -> None:
+    c = cluster(1, outlier=OUTLIER)
+    (ep,) = c.endpoints
+    fail(c, ep, 50)
+    fail(c, ep, 50, status=500)
+    assert ep.up and ep.health.state == "healthy" and ep.health.consecutive_5xx == 100
+    assert c.try_acquire(None, set()) is ep
+
+
+def test_max_ejection_percent_caps_what_outlier_detection_takes_out() -> None:
+    c = cluster(5, outlier=OUTLIER)  # floor(5 * 50 / 100) = 2 may be out
+    e0, e1, e2, e3, e4 = c.endpoints
+    for ep in c.endpoints:
+        fail(c, ep)
+    assert [ep.health.ejected for ep in c.endpoints] == [True, True, False, False, False]
+    assert e2.up and e3.up and e4.up and not c.panic
+    e0.health.checked(None, DOWN, OUTLIER)  # a passing check: e0 is back
+    assert e0.up
+    fail(c, e2, 1)  # its streak went on counting: the next failure ejects it
+    assert e2.health.ejected and not e3.health.ejected
+    everyone = OutlierDetection(consecutive_failures=3, ejection=30, max_ejection_percent=100)
+    c.outlier = everyone
+    fail(c, e3, 1)
+    fail(c, e4, 1)
+    assert all(ep.health.ejected for ep in (e1, e2, e3, e4)) and not e0.health.ejected
+
+
+def test_backends_failing_active_checks_count_against_the_cap() -> None:
+    c = cluster(4, outlier=OUTLIER)  # 2 of 4 may be out
+    e0, e1, e2 = c.endpoints[:3]
+    check_fails(e0)
+    fail(c, e1)
+    assert e1.health.ejected  # e0 and e1 out: 2 of 4
+    fail(c, e2)
+    assert e2.up and not e2.health.ejected  # a third would leave one of four
+
+
+def test_a_shared_endpoint_is_ejected_only_if_every_model_it_serves_can_spare_it() -> None:
+    reg = registry()
+    shared, e1, e2 = endpoints(reg, 3)
+    big = Cluster(model_config("big"), members([shared, e1, e2]), OUTLIER)
+    solo = Cluster(model_config("solo"), members([shared]), OUTLIER)
+    fail(big, shared)
+    assert shared.up and not shared.health.ejected  # "solo" would have none left
+    assert not shared.may_eject() and big.may_eject(shared) and not solo.may_eject(shared)
+    del solo  # that model is gone (a reload): "big" alone decides
+    fail(big, shared, 1)
+    assert shared.health.ejected and not shared.up
+
+
+def test_panic_mode_routes_to_ejected_backends_but_not_to_unhealthy_ones() -> None:
+    outlier = OutlierDetection(consecutive_failures=3, ejection=30, max_ejection_percent=100)
+    c = cluster(4, outlier=outlier, limit=None)
+    e0, e1, e2, e3 = c.endpoints
+    check_fails(e3)  # its engine does not answer /health
+    fail(c, e0)
+    assert not e0.up and not c.panic  # 2 of 4 up: 50 %, not under it
+    fail(c, e1)
+    assert c.panic  # 1 of 4 up: under 50 %
+    assert e0.up and e1.up and e0.health.state == e1.health.state == "ejected"
+    assert not e3.up
+    picked = {c.try_acquire(None, set()) for _ in range(12)}
+    assert picked == {e0, e1, e2}
+    e1.health.checked(None, DOWN, outlier)  # e1's check passes: its ejection ends
+    assert not c.panic and e1.up and not e0.up  # 2 of 4 up again: e0's ejection stands
+
+
+def test_every_backend_ejected_still_gets_traffic() -> None:
+    outlier = OutlierDetection(consecutive_failures=1, ejection=30, max_ejection_percent=100)
+    c = cluster(2, outlier=outlier)
+    e0, e1 = c.endpoints
+    fail(c, e0, 1)
+    fail(c, e1, 1)
+    assert c.panic and c.any_up() and c.retry_after() == 30
+    assert c.try_acquire(None, set()) in (e0, e1)
+
+
+async def test_panic_threshold_zero_answers_503_when_every_backend_is_ejected() -> None:
+    outlier = OutlierDetection(consecutive_failures=1, ejection=30, max_ejection_percent=100,
+                               panic_threshold=0)
+    c = cluster(2, outlier=outlier, queue=PATIENT)
+    for ep in c.endpoints:
+        fail(c, ep, 1)
+    assert not c.panic and not c.any_up()
+    with pytest.raises(NoHealthyBackend):
+        await asyncio.wait_for(c.acquire(None, set()), 0.5)
+
+
+def test_a_member_set_that_shrinks_into_panic_waives_at_once() -> None:
+    reg = registry()
+    e0, e1, e2, e3 = endpoints(reg, 4)
+    c = Cluster(model_config(), members([e0, e1, e2, e3]), OUTLIER)
+    fail(c, e0)
+    assert e0.health.ejected and not e0.up
+    c.set_members(members([e0, e1]))
+    assert not c.panic  # 1 of 2 up
+    check_fails(e1)
+    assert c.panic and e0.up  # 0 of 2 in rotation: e0 gets traffic, ejected as it is
+    c.set_members(members([e1, e2]))  # e0 leaves the model: its waiver with it
+    assert not e0.up and not c.panics_for(e0)
+    assert c.may_eject(e0)  # no longer this model's to keep
+
+
+async def test_panic_mode_wakes_the_queue(requests: Requests) -> None:
+    outlier = OutlierDetection(consecutive_failures=1, ejection=30, max_ejection_percent=100)
+    c = cluster(2, limit=1, queue={"size": 8, "timeout": "2s"}, outlier=outlier)
+    e0, e1 = c.endpoints
+    fail(c, e1, 1)  # 1 of 2 up: no panic
+    assert c.try_acquire(None, set()) is e0
+    requests.start(c, "a")
+    await waiting(c, 1)
+    fail(c, e0, 1)  # e0 (busy) ejected too: panic, e1 may take the waiter
+    await eventually(lambda: requests.log == ["a:e1"], timeout=0.1, what="the waiter got e1")
 
 
 # -- leases -------------------------------------------------------------------------------
@@ -361,12 +491,12 @@ def test_describe_lists_members_with_weight_and_counts() -> None:
     c.try_acquire(None, set())
     described = c.describe()
     assert described == [
-        {"url": "http://e0:8000", "address": "e0:8000", "state": "healthy",
-         "consecutive_failures": 0, "last_error": None, "last_check": None,
-         "in_flight": 1, "max_in_flight": 4, "weight": 3},
-        {"url": "http://e1:8000", "address": "e1:8000", "state": "healthy",
-         "consecutive_failures": 0, "last_error": None, "last_check": None,
-         "in_flight": 0, "max_in_flight": 4, "weight": 1},
+        {"url": "http://e0:8000", "address": "e0:8000", "state": "healthy", "up": True,
+         "consecutive_failures": 0, "consecutive_5xx": 0, "last_error": None,
+         "last_check": None, "in_flight": 1, "max_in_flight": 4, "weight": 3},
+        {"url": "http://e1:8000", "address": "e1:8000", "state": "healthy", "up": True,
+         "consecutive_failures": 0, "consecutive_5xx": 0, "last_error": None,
+         "last_check": None, "in_flight": 0, "max_in_flight": 4, "weight": 1},
     ]
     eject(e1)
     assert c.describe()[1]["state"] == "ejected"

@@ -15,6 +15,8 @@ from router.upstream_mock import MockReply, MockRequest, MockTransport
 from tests.unit.fleet_core import FakeClock, Transitions, eventually, registry
 
 OUTLIER = OutlierDetection(consecutive_failures=3, ejection=30)
+#: Ejections that only their cool-down's probe ends (checks do not).
+STICKY = OutlierDetection(consecutive_failures=3, ejection=30, uneject_on_health_check=False)
 CHECKS = HealthChecks(unhealthy_threshold=2, healthy_threshold=2)
 
 
@@ -59,6 +61,86 @@ def test_a_success_resets_the_failure_count(clock: FakeClock) -> None:
     for _ in range(3):
         health.request_failed("status 502", OUTLIER)
     assert health.state == EJECTED
+
+
+def test_a_500_counts_toward_consecutive_5xx_only(clock: FakeClock) -> None:
+    """A client can make an engine answer 500: it weighs less than a gateway failure."""
+    health, seen = machine()
+    outlier = OutlierDetection(consecutive_failures=3, consecutive_5xx=6, ejection=30)
+    for _ in range(2):
+        health.request_failed("status 502", outlier, 502)
+    health.request_failed("status 500", outlier, 500)  # resets the gateway streak
+    assert (health.consecutive_failures, health.consecutive_5xx) == (0, 3)
+    health.request_failed("status 503", outlier, 503)
+    health.request_failed("status 500", outlier, 500)
+    assert health.up and seen.seen == []  # five failures, never three gateway ones in a row
+    health.request_failed("status 500", outlier, 500)
+    assert health.state == EJECTED and health.consecutive_5xx == 6
+    assert seen.seen == [("http://e0:8000", HEALTHY, EJECTED)]
+
+
+def test_gateway_failures_count_toward_both_streaks(clock: FakeClock) -> None:
+    health, _ = machine()
+    outlier = OutlierDetection(consecutive_failures=3, consecutive_5xx=20, ejection=30)
+    health.request_failed("connection refused", outlier)  # no answer: a gateway failure
+    health.request_failed("status 504", outlier, 504)
+    assert (health.consecutive_failures, health.consecutive_5xx) == (2, 2)
+    health.request_failed("status 502", outlier, 502)
+    assert health.ejected
+    health.request_succeeded()
+    assert (health.consecutive_failures, health.consecutive_5xx) == (0, 0)
+
+
+def test_the_defaults_take_twenty_500s_but_five_gateway_failures(clock: FakeClock) -> None:
+    defaults = OutlierDetection()
+    assert (defaults.consecutive_failures, defaults.consecutive_5xx) == (5, 20)
+    assert (defaults.max_ejection_percent, defaults.panic_threshold) == (50, 50)
+    assert defaults.uneject_on_health_check
+    by_500, _ = machine()
+    for _ in range(19):
+        by_500.request_failed("status 500", defaults, 500)
+    assert by_500.up
+    by_500.request_failed("status 500", defaults, 500)
+    assert by_500.ejected
+    by_502, _ = machine()
+    for _ in range(5):
+        by_502.request_failed("status 502", defaults, 502)
+    assert by_502.ejected
+
+
+def test_a_refused_ejection_keeps_the_streak_and_ejects_once_allowed(
+        clock: FakeClock) -> None:
+    health, seen = machine()
+    allowed = False
+    asked: list[int] = []
+
+    def may_eject() -> bool:
+        asked.append(health.consecutive_failures)
+        return allowed
+
+    for _ in range(4):
+        health.request_failed("status 502", OUTLIER, 502, may_eject)
+    assert health.up and seen.seen == [] and asked == [3, 4]
+    allowed = True
+    health.request_failed("status 502", OUTLIER, 502, may_eject)
+    assert health.state == EJECTED and asked == [3, 4, 5]
+    assert health.ejected_at == clock.now and health.ejected_until == clock.now + 30
+
+
+def test_a_waived_ejection_is_up_and_still_ejected(clock: FakeClock) -> None:
+    health, seen = machine()
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)
+    assert health.waive(True) is True  # panic mode: up again
+    assert (health.state, health.ejected, health.up) == (EJECTED, True, True)
+    assert not health.in_rotation  # what caps and panic mode count
+    assert health.waive(True) is False  # already up
+    assert health.waive(False) is False and not health.up
+    health.waive(True)
+    for _ in range(2):
+        health.checked("health check: down", CHECKS, STICKY)
+    assert not health.up  # a waiver never brings back an endpoint failing its checks
+    assert seen.seen == [("http://e0:8000", HEALTHY, EJECTED)]
 
 
 # -- active checks: hysteresis ------------------------------------------------------------
@@ -146,21 +228,62 @@ def test_probed_when_not_ejected_changes_nothing(clock: FakeClock) -> None:
 def test_an_active_check_past_the_cool_down_is_the_probe(clock: FakeClock) -> None:
     health, _ = machine()
     for _ in range(3):
-        health.request_failed("status 502", OUTLIER)
-    health.checked(None, CHECKS, OUTLIER)
-    assert health.ejected  # within the cool-down, checks do not end it
+        health.request_failed("status 502", STICKY)
+    health.checked(None, CHECKS, STICKY)
+    assert health.ejected  # within the cool-down, checks do not end it (STICKY)
     clock.advance(30)
-    health.checked("health check: status 500", CHECKS, OUTLIER)
+    health.checked("health check: status 500", CHECKS, STICKY)
     assert health.ejected and health.ejected_until == clock.now + 30
     clock.advance(30)
-    health.checked(None, CHECKS, OUTLIER)
+    health.checked(None, CHECKS, STICKY)
     assert health.up
+
+
+def test_a_passing_active_check_ends_an_ejection_at_once(clock: FakeClock) -> None:
+    health, seen = machine()
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)
+    clock.advance(1)
+    health.checked(None, CHECKS, OUTLIER, started=clock.now - 0.5)
+    assert health.up and health.state == HEALTHY  # 29 s of cool-down left: not waited out
+    assert (health.consecutive_failures, health.consecutive_5xx) == (0, 0)
+    assert seen.seen == [("http://e0:8000", HEALTHY, EJECTED),
+                         ("http://e0:8000", EJECTED, HEALTHY)]
+
+
+def test_a_check_started_before_the_ejection_does_not_end_it(clock: FakeClock) -> None:
+    health, _ = machine()
+    started = clock.now
+    clock.advance(0.1)
+    for _ in range(3):
+        health.request_failed("status 502", OUTLIER)  # while that check was in flight
+    health.checked(None, CHECKS, OUTLIER, started=started)
+    assert health.ejected
+    health.checked(None, CHECKS, OUTLIER, started=clock.now)
+    assert health.up
+
+
+def test_after_an_outage_healthy_threshold_passes_bring_it_back(clock: FakeClock) -> None:
+    """Ejected by failed requests and unhealthy by checks: the first passing check ends the
+    ejection, ``healthy_threshold`` passes the rest; no cool-down is waited out."""
+    health, seen = machine()
+    for _ in range(3):
+        health.request_failed("connection refused", OUTLIER)
+    for _ in range(2):
+        health.checked("health check: connection refused", CHECKS, OUTLIER)
+    assert (health.healthy, health.ejected) == (False, True)
+    health.checked(None, CHECKS, OUTLIER)
+    assert (health.state, health.up) == (UNHEALTHY, False)  # healthy_threshold is 2
+    health.checked(None, CHECKS, OUTLIER)
+    assert health.up and clock.now == 1000.0
+    assert [after for _, _, after in seen.seen] == [EJECTED, UNHEALTHY, HEALTHY]
 
 
 def test_describe(clock: FakeClock) -> None:
     health, _ = machine()
     health.checked("health check: status 500", CHECKS, OUTLIER)
-    assert health.describe() == {"state": HEALTHY, "consecutive_failures": 0,
+    assert health.describe() == {"state": HEALTHY, "up": True, "consecutive_failures": 0,
+                                 "consecutive_5xx": 0,
                                  "last_error": "health check: status 500",
                                  "last_check": clock.time()}
 
@@ -295,6 +418,42 @@ async def test_a_failing_cool_down_probe_extends_the_ejection() -> None:
     assert len(backend.checks) == 3  # two failed probes, each followed by a cool-down
     assert asyncio.get_running_loop().time() - start >= 0.085
     await eventually(lambda: not checker.probing, what="the probe task done")
+
+
+async def test_the_checker_ends_an_ejection_with_its_next_passing_check() -> None:
+    backend = Backend()
+    outlier = OutlierDetection(consecutive_failures=1, ejection=60)
+    checks = HealthChecks(interval=0.005, timeout=0.5)
+    checker, (ep,) = checker_for([backend], checks, outlier)
+    ep.health.request_failed("status 502", outlier)
+    assert not ep.up
+    task = asyncio.get_running_loop().create_task(checker.run())
+    try:
+        await eventually(lambda: ep.up, what="the endpoint back before its 60 s cool-down")
+        assert ep.health.state == HEALTHY and backend.checks
+    finally:
+        task.cancel()
+        checker.close()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_cool_down_probe_waits_for_the_ejection_in_force(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ejection a check ended, then a new one: the probe task started for the first
+    must not probe at the first one's end."""
+    backend = Backend()
+    outlier = OutlierDetection(consecutive_failures=1, ejection=0.05)
+    checker, (ep,) = checker_for([backend], CHECKS, outlier)
+    ep.health.request_failed("status 502", outlier)
+    await asyncio.sleep(0.01)  # the probe task sleeps until the cool-down's end
+    ep.health.checked(None, CHECKS, outlier)  # ends the ejection; the task sleeps on
+    await asyncio.sleep(0.02)
+    longer = OutlierDetection(consecutive_failures=1, ejection=30)
+    ep.health.request_failed("status 502", longer)  # ejected again, for 30 s
+    assert ep.key in checker.probing
+    await asyncio.sleep(0.06)  # past the first ejection's end
+    assert backend.checks == [] and ep.health.ejected
+    checker.close()
 
 
 async def test_one_probe_task_per_ejection_and_none_for_unknown_endpoints() -> None:

@@ -257,7 +257,7 @@ async def test_500_504_delivered_without_retry_and_counted_as_failures(status: i
     outcome = Outcome()
     assert await forward(model, outbound(), outcome, read_all) == (status, b"engine error")
     [asked] = fleet.names
-    assert endpoint(model, asked).health.consecutive_failures == 1
+    assert endpoint(model, asked).health.consecutive_5xx == 1
     assert endpoint(model, asked).health.last_error == f"status {status}"
     assert outcome.status == outcome.attempt_status == status
     assert (outcome.retries, outcome.retried_from) == (0, ())
@@ -313,8 +313,8 @@ async def test_outlier_ejection_after_consecutive_failures(
     fleet = Fleet()
     fleet.on("a", failure())
     snap = await snapshot_of(model_yaml(
-        "a", "b", defaults="outlier_detection: {consecutive_failures: 2, ejection: 60s}"),
-        fleet)
+        "a", "b", defaults="outlier_detection: {consecutive_failures: 2, consecutive_5xx: 2, "
+                           "ejection: 60s}"), fleet)
     model = snap.models["m"]
     a = endpoint(model, "a")
     sent = 0
@@ -325,7 +325,7 @@ async def test_outlier_ejection_after_consecutive_failures(
             await forward(model, outbound(), Outcome(), read_all)
         except BackendUnavailable:
             pytest.fail("a connect failure must have been retried on b")
-    assert a.health.consecutive_failures == 2
+    assert a.health.consecutive_5xx == 2
     assert not a.up
     assert a.health.state == "ejected"
     assert len(fleet.requests("a")) == 2
@@ -353,7 +353,8 @@ async def test_no_healthy_backend_when_none_is_up() -> None:
 async def test_no_healthy_backend_names_the_end_of_the_ejection() -> None:
     fleet = Fleet(answers(reply(503)))
     snap = await snapshot_of(model_yaml(
-        "a", defaults="outlier_detection: {consecutive_failures: 1, ejection: 42s}"), fleet)
+        "a", defaults="outlier_detection: {consecutive_failures: 1, ejection: 42s, "
+                      "max_ejection_percent: 100, panic_threshold: 0}"), fleet)
     model = snap.models["m"]
     assert (await forward(model, outbound(), Outcome(), read_all))[0] == 503
     with pytest.raises(NoHealthyBackend) as caught:
