@@ -185,8 +185,9 @@ class Metrics:
             "routeyard_backend_in_flight_requests", "Requests in flight to each backend.",
             ["backend"], multiprocess_mode="livesum", registry=registry)
         self.backend_up = Gauge(
-            "routeyard_backend_up", "1 when the backend is healthy and not ejected (with "
-            "several workers: in every worker), else 0.", ["backend"],
+            "routeyard_backend_up", "1 when the backend gets traffic: healthy and not "
+            "ejected, or ejected but served in panic mode (with several workers: in every "
+            "worker), else 0.", ["backend"],
             multiprocess_mode="livemin", registry=registry)
         self.retries = Counter(
             "routeyard_retries", "Requests retried on another backend, by the backend that "
