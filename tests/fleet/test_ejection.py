@@ -124,7 +124,7 @@ def test_traffic_resumes_within_two_check_intervals_after_a_full_outage(
     for engine in fleet:
         engine.wait_ready()
     print(f"\nfull outage: first 200 {elapsed * 1000:.0f} ms after an engine answered /health")
-    assert elapsed < 2 * interval + 0.1, elapsed
+    assert elapsed < 2.0, elapsed  # the tree before waited out the cool-down: 29 s
 
 
 def answers_health(engine: Engine) -> bool:

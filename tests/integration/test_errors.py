@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 
 from tests.conftest import routes_yaml
-from tests.harness import Router, wait_until
+from tests.harness import Router, start_router, wait_until
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 
@@ -89,10 +91,20 @@ def test_wrong_method_is_405(router: Router) -> None:
     error_of(router.client.get("/v1/chat/completions"), 405)
 
 
-def test_backend_unreachable_is_502(router: Router) -> None:
-    r = router.client.post("/v1/chat/completions",
-                           json={"model": "dead-model", "messages": []})
-    error_of(r, 502, "backend_unavailable")
+def test_backend_unreachable_is_502(tmp_path: Path, dead_port: int) -> None:
+    """A backend that refuses connections while it is still in rotation: 502. (The shared
+    router's health checks take its dead-model out after a few seconds: then it is 503,
+    tested with the readiness scopes.)"""
+    text = ("defaults:\n  health_checks: {enabled: false}\nmodels:\n  dead-model:\n"
+            "    backends:\n"
+            f"      - url: http://127.0.0.1:{dead_port}\n    endpoints: [chat]\n")
+    router = start_router(tmp_path, text)
+    try:
+        r = router.client.post("/v1/chat/completions",
+                               json={"model": "dead-model", "messages": []})
+        error_of(r, 502, "backend_unavailable")
+    finally:
+        router.stop()
 
 
 def test_backend_timeout_is_504(router: Router, fake_only: None) -> None:
