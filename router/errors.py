@@ -218,9 +218,17 @@ class ConnectTimeout(BackendTimeout):
 
 
 class BackendProtocolError(UpstreamError):
-    """Raised when the backend's answer is not valid HTTP/1.1."""
+    """Raised when the backend's answer is not valid HTTP/1.1 (or is HTTP the router does
+    not relay: a switch of protocols). Before any byte reached the client, another backend
+    may well answer: retried like a dropped connection."""
 
     code = "backend_protocol_error"
+    retryable = True
+
+
+class BackendHeadTooLarge(BackendProtocolError):
+    """Raised when the backend's response head is over the router's bounds
+    (``ROUTEYARD_UPSTREAM_MAX_HEADER_BYTES``, ``ROUTEYARD_UPSTREAM_MAX_HEADERS``)."""
 
 
 class InternalError(RouterError):

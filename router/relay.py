@@ -29,6 +29,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sanic import HTTPResponse, Request
+from sanic.http import Http
 
 from router.endpoint import Endpoint
 from router.errors import QueueTimeout, StreamError, UpstreamError
@@ -151,8 +152,12 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
                         outcome.attempt_error = exc.code or exc.type
                         cluster.failed(endpoint, str(exc))
                         tried.add(endpoint)
-                        if not (exc.retryable and attempt < retries.attempts
-                                and cluster.any_up(tried)):
+                        retry = (exc.retryable and attempt < retries.attempts
+                                 and cluster.any_up(tried))
+                        log.warning("backend %s failed before answering (request %s): %s%s",
+                                    endpoint.key, outbound.request_id, exc,
+                                    "; retrying on another backend" if retry else "")
+                        if not retry:
                             raise
                     else:
                         try:
@@ -265,6 +270,19 @@ def _has_message_body(status: int) -> bool:
     return not (status < 200 or status in (204, 304))
 
 
+def _cut(request: Request, stream: HTTPResponse) -> None:
+    """End a response whose body broke off: the client's connection is closed, so it sees
+    a truncated body, never a clean end. Sanic is told the response is over (no more to
+    send), else it would end it itself once the handler returns: a chunked body's last
+    chunk on a closed connection, or, with a content length, an ERROR and a traceback
+    ("Response was smaller than content-length") for what the engine did."""
+    request.transport.close()
+    http = stream.stream
+    if isinstance(http, Http):
+        http.response_func = None  # type: ignore[assignment]  # as Sanic does at a body's end
+        http.keep_alive = False
+
+
 async def send_answer(request: Request, response: Response, outcome: Outcome,
                       request_id: str, stream_error: StreamError | None,
                       extra_headers: list[tuple[str, str]] | None = None,
@@ -300,7 +318,13 @@ async def send_answer(request: Request, response: Response, outcome: Outcome,
 
     is_sse = content_type.startswith(b"text/event-stream")
     if response.complete or (0 <= length <= SMALL_BODY and not is_sse):
-        body = await response.read()
+        try:
+            body = await response.read()
+        except UpstreamError as exc:
+            # Nothing went to the client yet: it gets the router's error (502, 504).
+            log.warning("backend answer broke off before it was relayed (request %s): %s",
+                        request_id, exc)
+            raise
         outcome.body(body, content_type.decode("latin-1"))
         if capture is not None:
             capture(body)
@@ -328,7 +352,7 @@ async def send_answer(request: Request, response: Response, outcome: Outcome,
             await stream.send(stream_error(exc, request_id))
             await stream.eof()
         else:
-            request.transport.close()
+            _cut(request, stream)
         return None
     await stream.eof()
     return None

@@ -6,7 +6,21 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+class UpstreamSettings(BaseSettings):
+    """The settings of the upstream client (``router.upstream``), which each process reads
+    by itself when it makes its first connection pool; ``Settings`` has them too, so
+    ``routeyard serve`` refuses a bad value before any worker starts."""
+
+    model_config = SettingsConfigDict(env_prefix="ROUTEYARD_", extra="ignore")
+
+    #: Bounds on one response head from an engine (status line, headers, any interim 1xx
+    #: answers before it): past either, the connection is aborted and the request fails
+    #: with 502 ``backend_protocol_error`` (Envoy's defaults are 60 KiB and 100).
+    upstream_max_header_bytes: int = Field(default=64 * 1024, ge=1)
+    upstream_max_headers: int = Field(default=100, ge=1)
+
+
+class Settings(UpstreamSettings):
     model_config = SettingsConfigDict(env_prefix="ROUTEYARD_", extra="ignore")
 
     config: str = "routes.yaml"

@@ -8,6 +8,8 @@ then the body chunk by chunk as the backend sends it, with flow control (reading
 backend pauses while the client is slow), per-phase timeouts, and abort on close.
 
 Errors from the socket and the parser are translated here into ``router.errors`` types.
+What it keeps of a response head is bounded (``HeadLimits``: 64 KiB and 100 header lines by
+default), so an engine that sends header lines forever costs the router nothing.
 ``Transport`` is the seam callers depend on: ``Pool`` is the real one, and
 ``router.upstream_mock.MockTransport`` answers from a script in memory, for tests.
 """
@@ -15,6 +17,7 @@ Errors from the socket and the parser are translated here into ``router.errors``
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,15 +28,34 @@ from urllib.parse import urlsplit
 import httptools
 
 from router.errors import (
+    BackendHeadTooLarge,
     BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
     ConnectTimeout,
 )
+from router.settings import UpstreamSettings
 
 #: Pause reading from the backend while this many body bytes wait for the client; reading
 #: resumes as soon as the client has taken them.
 HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    """Bounds on one response head: its bytes (header lines, and whatever arrived while the
+    head was incomplete) and its header lines, interim 1xx answers included."""
+
+    max_bytes: int
+    max_headers: int
+
+
+@functools.cache
+def default_head_limits() -> HeadLimits:
+    """The process's bounds, from ``ROUTEYARD_UPSTREAM_MAX_HEADER_BYTES`` and
+    ``ROUTEYARD_UPSTREAM_MAX_HEADERS``; read once, for every ``Pool`` made without its own."""
+    settings = UpstreamSettings()
+    return HeadLimits(settings.upstream_max_header_bytes, settings.upstream_max_headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,12 +229,24 @@ def _expire(waiter: asyncio.Future[None], phase: str) -> None:
         waiter.set_exception(timeout_error(phase))
 
 
+def _switched() -> BackendProtocolError:
+    return BackendProtocolError(
+        "the backend switched protocols (status 101), which the router does not relay")
+
+
 class Connection(asyncio.Protocol):
     """One kept-alive HTTP/1.1 connection; carries one exchange at a time. It is the
     ``FlowControl`` of the response it carries.
 
     It keeps its event loop: ``asyncio.get_running_loop()`` costs a ``getpid`` syscall per
-    call on Python 3.11, about 8% of the router's CPU when called per request."""
+    call on Python 3.11, about 8% of the router's CPU when called per request.
+
+    The response head is bounded (``Pool.limits``): each header line is charged to
+    ``head_left`` (the one counter per header), the header lines are counted against
+    ``headers_left`` once the head (or an interim answer's) is complete, and while the head
+    is incomplete every byte that arrives is charged to ``head_fed`` (a header line still
+    being received is held by httptools, not here). Past a bound the connection is aborted
+    and the exchange fails with ``BackendHeadTooLarge``."""
 
     def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
@@ -226,6 +260,9 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.got_bytes = False
         self.until_close = False
+        # What the current exchange's head may still use (set by ``_exchange``).
+        self.head_left = self.headers_left = self.head_fed = 0
+        self.in_head = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -236,11 +273,19 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(BackendProtocolError(f"invalid HTTP from the backend: {exc}"))
-            self.abort()
+            self._abort_with(BackendProtocolError(f"invalid HTTP from the backend: {exc}"))
+            return
+        except httptools.HttpParserUpgrade:  # a 101 (failed already in on_headers_complete)
+            self._abort_with(_switched())
+            return
+        if self.in_head:
+            self.head_fed += len(data)
+            if self.head_fed > self.pool.limits.max_bytes:
+                self._head_too_large()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.in_head = False
         self.pool.discard(self)
         response = self.response
         if response is not None and not response._done:
@@ -248,11 +293,20 @@ class Connection(asyncio.Protocol):
                 response.finish()
             else:
                 self._fail(BackendUnavailable("the backend closed the connection"))
+        self.response = None
+        # The parser calls back bound methods of this connection: a reference cycle that
+        # only the cyclic GC would free. Nothing is parsed after this: break it.
+        del self.parser
 
     # -- httptools callbacks -------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            self.response.headers.append((name, value))
+        response = self.response
+        if response is not None:
+            self.head_left -= len(name) + len(value) + 4  # ": " and CRLF
+            if self.head_left < 0:
+                self._head_too_large()
+            else:
+                response.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -260,8 +314,16 @@ class Connection(asyncio.Protocol):
             return
         status = self.parser.get_status_code()
         if status < 200:  # 100-continue and friends: wait for the real answer
+            if status == 101:  # what follows is another protocol, not that answer
+                self._abort_with(_switched())
+                return
+            self.headers_left -= len(response.headers)  # they count toward the bounds
             response.headers.clear()
             return
+        if len(response.headers) > self.headers_left:
+            self._head_too_large()
+            return
+        self.in_head = False
         response.status = status
         self.until_close = not any(
             n.lower() in (b"content-length", b"transfer-encoding") for n, _ in response.headers
@@ -294,7 +356,24 @@ class Connection(asyncio.Protocol):
         response = self.response
         self.response = None
         if response is not None and not response._done:
+            if not response.status:
+                # Never handed out: drop what was buffered of its head at once (the
+                # exception's traceback may keep the response itself for a while).
+                response.headers.clear()
             response.finish(error)
+
+    def _abort_with(self, error: Exception) -> None:
+        if not self.closed:  # (httptools may report a 101 twice: callback, then upgrade)
+            self._fail(error)
+            self.abort()
+
+    def _head_too_large(self) -> None:
+        limits = self.pool.limits
+        if self.head_left < 0 or self.head_fed > limits.max_bytes:
+            what = f"response headers over {limits.max_bytes} bytes"
+        else:
+            what = f"more than {limits.max_headers} response headers"
+        self._abort_with(BackendHeadTooLarge(f"the backend sent {what}"))
 
     def pause(self) -> None:
         if not self.paused and self.transport is not None:
@@ -308,6 +387,7 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self.in_head = False  # nothing more is read
         self.pool.discard(self)
         if self.transport is not None:
             self.transport.abort()
@@ -324,10 +404,12 @@ class Pool:
     """The ``Transport`` to one origin: idle keep-alive connections, most recently used
     first. ``opener`` replaces the TCP (or TLS) connect, e.g. with an in-memory transport."""
 
-    def __init__(self, origin: Origin, max_idle: int = 512, opener: Opener | None = None) -> None:
+    def __init__(self, origin: Origin, max_idle: int = 512, opener: Opener | None = None,
+                 limits: HeadLimits | None = None) -> None:
         self.origin = origin
         self.max_idle = max_idle
         self.opener = opener
+        self.limits = limits if limits is not None else default_head_limits()
         self.idle: list[Connection] = []
         self.closed = False
         self.ssl: ssl.SSLContext | None = (
@@ -405,6 +487,11 @@ class Pool:
 async def _exchange(conn: Connection, head: bytes, body: bytes, timeouts: Timeouts) -> Response:
     loop = conn.loop
     response = conn.response = Response(conn, loop, timeouts.idle)
+    limits = conn.pool.limits
+    conn.head_left = limits.max_bytes
+    conn.headers_left = limits.max_headers
+    conn.head_fed = 0
+    conn.in_head = True
     ready = conn.headers_ready = loop.create_future()
     transport = conn.transport
     assert transport is not None

@@ -97,9 +97,10 @@ def test_every_backend_ejected_still_gets_traffic_in_panic_mode(launch_router,
     assert all(e.count() >= 1 for e in pair)
 
 
-def test_traffic_resumes_within_two_check_intervals_after_a_full_outage(
+def test_traffic_resumes_within_a_few_check_intervals_after_a_full_outage(
         launch_router, fleet: Fleet) -> None:
-    interval = 0.2
+    """The fleet's checks run every 200 ms: traffic is back within a few of them (typically
+    the first), not after the ejection cool-down."""
     router = launch_router(routes({"fleet": model(*fleet)},
                                   outlier_detection={"ejection": LONG}))
 

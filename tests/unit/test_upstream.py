@@ -10,13 +10,27 @@ from collections.abc import Callable
 import pytest
 
 from router.errors import (
+    BackendHeadTooLarge,
     BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
     ConnectTimeout,
 )
-from router.upstream import HIGH_WATER, Connection, Origin, Pool, Response, Timeouts, Transport
+from router.record import Outcome
+from router.relay import forward
+from router.upstream import (
+    HIGH_WATER,
+    Connection,
+    HeadLimits,
+    Origin,
+    Pool,
+    Response,
+    Timeouts,
+    Transport,
+    default_head_limits,
+)
 from router.upstream_mock import MockReply, MockRequest, MockTransport
+from tests.unit.core import Fleet, answers, assert_idle, model_of, outbound, read_all, reply
 
 FAST = Timeouts(connect=0.05, first_byte=0.05, idle=0.05)
 SLOW = Timeouts(connect=5, first_byte=5, idle=5)
@@ -217,6 +231,28 @@ async def test_invalid_http_mid_body(pool: Pool, network: Network) -> None:
     with pytest.raises(BackendProtocolError):
         await response.read()
     assert network.transports[0].aborted
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+])
+async def test_switching_protocols_is_a_protocol_error(
+    pool: Pool, network: Network, head: bytes
+) -> None:
+    """What follows a 101 is not HTTP: the exchange fails (httptools' upgrade signal does
+    not escape ``data_received``, where asyncio would log it as a fatal error)."""
+    with pytest.raises(BackendProtocolError, match="switched protocols"):
+        await answer(pool, network, head + b"\x81\x05hello")
+    assert network.transports[0].aborted
+    assert pool.idle == []
+
+
+def test_protocol_errors_are_retryable_502s() -> None:
+    for error in (BackendProtocolError("x"), BackendHeadTooLarge("x")):
+        assert isinstance(error, BackendProtocolError)
+        assert error.retryable and error.status == 502
+        assert error.code == "backend_protocol_error"
 
 
 async def test_large_body_is_written_in_two_pieces(pool: Pool, network: Network) -> None:
@@ -501,3 +537,142 @@ async def test_mock_flow_control() -> None:
     assert await response.read() == big + b"yz"
     assert response.complete
 
+
+
+# -- the response head's bounds ----------------------------------------------------------------
+
+def header_lines(count: int, size: int = 20) -> bytes:
+    """``count`` header lines of ``size`` bytes each, CRLF included."""
+    return b"".join(b"X-%04d: " % i + b"v" * (size - 10) + b"\r\n" for i in range(count))
+
+
+async def over_bound(pool: Pool, network: Network, *pieces: bytes) -> BackendHeadTooLarge:
+    """The exchange fails with ``BackendHeadTooLarge`` once the backend sent ``pieces``
+    (those after the connection was aborted are not sent); nothing of the head is kept."""
+    idle = pool.idle[-1].transport if pool.idle else None
+    task = start(pool)
+    transport = idle if isinstance(idle, FakeTransport) else await network.next()
+    await transport.request()
+    conn = transport.protocol
+    assert conn.response is not None
+    kept = conn.response.headers
+    for piece in pieces:
+        if not transport.aborted:
+            transport.send(piece)
+    with pytest.raises(BackendHeadTooLarge) as raised:
+        await asyncio.wait_for(task, 1)
+    assert transport.aborted
+    await asyncio.sleep(0)  # connection_lost
+    assert kept == [] and conn.response is None
+    assert not hasattr(conn, "parser")  # the connection <-> parser cycle is broken
+    assert pool.idle == []
+    return raised.value
+
+
+async def test_more_than_100_headers(pool: Pool, network: Network) -> None:
+    error = await over_bound(pool, network, b"HTTP/1.1 200 OK\r\n" + header_lines(101)
+                             + b"content-length: 0\r\n\r\n")
+    assert "more than 100 response headers" in str(error)
+
+
+async def test_100_headers_pass(pool: Pool, network: Network) -> None:
+    response = await answer(pool, network, b"HTTP/1.1 200 OK\r\n" + header_lines(99)
+                            + b"content-length: 0\r\n\r\n")
+    assert response.status == 200 and len(response.headers) == 100
+
+
+async def test_65_kib_of_headers(pool: Pool, network: Network) -> None:
+    error = await over_bound(pool, network, b"HTTP/1.1 200 OK\r\n" + header_lines(65, 1024)
+                             + b"content-length: 0\r\n\r\n")
+    assert "over 65536 bytes" in str(error)
+
+
+async def test_63_kib_of_headers_pass(pool: Pool, network: Network) -> None:
+    response = await answer(pool, network, b"HTTP/1.1 200 OK\r\n" + header_lines(63, 1024)
+                            + b"content-length: 2\r\n\r\nok")
+    assert response.status == 200 and await response.read() == b"ok"
+
+
+async def test_a_header_line_that_never_ends(pool: Pool, network: Network) -> None:
+    """The line httptools is still collecting counts too: every byte that arrives while
+    the head is incomplete."""
+    await over_bound(pool, network, b"HTTP/1.1 200 OK\r\nX-a: ",
+                     *(b"b" * 4096 for _ in range(17)))
+
+
+async def test_endless_header_lines_in_small_pieces(pool: Pool, network: Network) -> None:
+    """Header lines one by one, never the blank line: the byte bound ends it (the count is
+    checked once the head is complete)."""
+    error = await over_bound(pool, network, b"HTTP/1.1 200 OK\r\n",
+                             *(header_lines(1) for _ in range(4000)))
+    assert "over 65536 bytes" in str(error)
+
+
+async def test_interim_answers_count_toward_the_bounds(pool: Pool, network: Network) -> None:
+    await over_bound(pool, network, b"HTTP/1.1 103 Early Hints\r\n" + header_lines(60)
+                     + b"\r\nHTTP/1.1 200 OK\r\n" + header_lines(41) + b"\r\n")
+
+
+async def test_bounds_are_per_response(pool: Pool, network: Network) -> None:
+    """On a kept-alive connection each response has the whole allowance, and the body that
+    arrives with its head is not counted as head."""
+    body = b"x" * (200 * 1024)
+    wire = (b"HTTP/1.1 200 OK\r\n" + header_lines(60)
+            + b"content-length: %d\r\n\r\n" % len(body) + body)
+    first = await answer(pool, network, wire)
+    assert await first.read() == body
+    transport = network.transports[0]
+    assert pool.idle == [transport.protocol] and not transport.aborted
+    task = start(pool)
+    await transport.request()
+    transport.send(wire)
+    assert await (await task).read() == body
+    assert len(network.transports) == 1 and pool.idle == [transport.protocol]
+
+
+async def test_pool_limits_of_its_own(network: Network) -> None:
+    pool = Pool(Origin.from_url("http://engine:8000"), opener=network.open,
+                limits=HeadLimits(max_bytes=1000, max_headers=2))
+    ok = await answer(pool, network, b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n")
+    assert ok.status == 200
+    error = await over_bound(pool, network, b"HTTP/1.1 200 OK\r\n" + header_lines(3) + b"\r\n")
+    assert "more than 2 response headers" in str(error)
+
+
+def test_default_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Pool(Origin.from_url("http://engine")).limits == HeadLimits(64 * 1024, 100)
+    monkeypatch.setenv("ROUTEYARD_UPSTREAM_MAX_HEADER_BYTES", "8192")
+    monkeypatch.setenv("ROUTEYARD_UPSTREAM_MAX_HEADERS", "7")
+    default_head_limits.cache_clear()
+    try:
+        assert Pool(Origin.from_url("http://engine")).limits == HeadLimits(8192, 7)
+    finally:
+        default_head_limits.cache_clear()
+
+
+# -- what the relay makes of protocol errors (over MockTransport) ---------------------------------
+
+@pytest.mark.parametrize("error", [
+    BackendProtocolError("invalid HTTP from the backend: Invalid status code"),
+    BackendHeadTooLarge("the backend sent more than 100 response headers"),
+])
+async def test_protocol_error_is_retried_on_another_backend(error: Exception) -> None:
+    fleet = Fleet(answers(error, reply(200, b"from the second")))
+    model = await model_of(fleet, "a", "b")
+    outcome = Outcome()
+    assert await forward(model, outbound(), outcome, read_all) == (200, b"from the second")
+    first, second = fleet.names
+    assert first != second
+    assert outcome.retries == 1 and outcome.retried_from == (Fleet.key(first),)
+    assert_idle(model)
+
+
+async def test_protocol_error_everywhere_is_raised() -> None:
+    fleet = Fleet(answers(BackendProtocolError("invalid HTTP from the backend")))
+    model = await model_of(fleet, "a", "b")
+    outcome = Outcome()
+    with pytest.raises(BackendProtocolError):
+        await forward(model, outbound(), outcome, read_all)
+    assert sorted(fleet.names) == ["a", "b"]
+    assert outcome.attempt_error == "backend_protocol_error"
+    assert_idle(model)
