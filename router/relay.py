@@ -178,6 +178,8 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
                                 cluster.succeeded(endpoint)
                                 retry = False
                             if not retry:
+                                if 300 <= status < 400:
+                                    _hide_backend(response, endpoint)
                                 capture = (placement.answered(endpoint, status)
                                            if placement is not None else None)
                                 return await deliver(response, capture)
@@ -195,6 +197,24 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
         attempt += 1
         delay = min(retries.max_backoff, retries.backoff * 2 ** (attempt - 1))
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+
+
+def _hide_backend(response: Response, endpoint: Endpoint) -> None:
+    """An engine's redirect names the address the router sent it to (Starlette builds the
+    ``Location`` of its trailing-slash redirect from the Host header): make such a
+    ``Location`` relative, so no backend address reaches the client."""
+    origin = endpoint.origin
+    prefixes = tuple(f"{scheme}://{origin.host_header.decode()}".encode()
+                     for scheme in ("http", "https"))
+    headers = response.headers
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == b"location" and value.startswith(prefixes):
+            rest = value.split(b"/", 3)[3] if value.count(b"/") >= 3 else b""
+            path = b"/" + rest
+            base = origin.base_path.encode()
+            if base and path.startswith(base):
+                path = path[len(base):] or b"/"
+            headers[i] = (name, path)
 
 
 def build_head(

@@ -338,3 +338,16 @@ def test_router_still_answers(router: Router) -> None:
     head, body = exchange(router, "ok")
     assert status_of(head) == 200 and body == b"{}"
     assert httpx.get(f"{router.url}/health", timeout=5).status_code == 200
+
+
+def test_an_engine_redirect_does_not_leak_the_backend_address(
+        router: Router, engine: MisbehavingEngine) -> None:
+    """Starlette's trailing-slash redirect is absolute, built from the Host the router sent:
+    the client gets it relative, never the backend's address."""
+    ANSWERS["redirect"] = _canned(
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:%d/v1/models\r\n"
+        b"Content-Length: 0\r\n\r\n" % engine.port, keep=True)
+    head, _ = exchange(router, "redirect")
+    assert status_of(head) == 307, head
+    assert b"\r\nlocation: /v1/models\r\n" in head.lower(), head
+    assert str(engine.port).encode() not in head
