@@ -57,12 +57,7 @@ def model_from_json(body: bytes) -> tuple[str, dict[str, Any]]:
     """The ``model`` of a JSON object body, and the parsed body; ``BadRequest`` if unusable."""
     if not body:
         raise BadRequest("The request body is empty; send a JSON object with a `model`.")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise _invalid_json(exc) from None
-    if type(data) is not dict:
-        raise BadRequest("The request body must be a JSON object.", code="invalid_body")
+    data = _parse_object(body)
     model = data.get("model")
     if type(model) is str and model:  # the common case, without a call
         return model, data
