@@ -225,9 +225,7 @@ class Proxy:
                     snapshot, group, request.path, name, data, body, record, principal=tenant,
                     limited=tenant, limiter=self.limiter, headers=request.headers,
                     form=form, placement=placement)
-                outbound = Outbound(request.method, request.raw_url.decode("latin-1"),
-                                    request.headers, admitted.body, request_id,
-                                    record.client_ip or "", strip_keys=tenant is not None)
+                outbound = _outbound(request, admitted.body, record, tenant is not None)
                 outcome = record.outcome
 
                 def deliver(response: Response, capture: Capture | None) -> Awaitable[None]:
@@ -268,9 +266,7 @@ class Proxy:
             holders = self.stored.holders(response_id, models)
             if tenant is not None:  # a lookup counts toward the key's request rate
                 record.admission = await self.limiter.admit(tenant, holders[0][0].name, 0)
-            outbound = Outbound(request.method, request.raw_url.decode("latin-1"),
-                                request.headers, request.body, request_id,
-                                record.client_ip or "", strip_keys=tenant is not None)
+            outbound = _outbound(request, request.body, record, tenant is not None)
             outcome = record.outcome
 
             def deliver(response: Response, capture: Capture | None) -> Awaitable[None]:
@@ -290,6 +286,12 @@ class Proxy:
         pending = self.limited_sinks.settle(record, None)
         if pending is not None:
             await pending
+
+
+def _outbound(request: Request, body: bytes, record: Record, strip_keys: bool) -> Outbound:
+    """The client's request as it goes to the engine, with ``body`` (rewritten or not)."""
+    return Outbound(request.method, request.raw_url.decode("latin-1"), request.headers, body,
+                    record.request_id, record.client_ip or "", strip_keys)
 
 
 class LimiterSink:

@@ -176,17 +176,25 @@ def test_trickled_heads_are_closed_at_the_whole_head_deadline(guarded: Router) -
     request is answered."""
     socks = [connect(guarded) for _ in range(20)]
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 4000
+    _closed_at_deadline(guarded, socks, lambda n: head[n:n + 1], HEADER_TIMEOUT,
+                        b"REQUEST_HEADER_TIMEOUT")
+
+
+def _closed_at_deadline(guarded: Router, socks: list[socket.socket],
+                        piece: Callable[[int], bytes], deadline: float, setting: bytes) -> None:
+    """Trickle ``piece(n)`` into every socket: each is answered 408 naming ``setting`` and
+    closed at ``deadline`` (plus slack), while one normal request is answered 200."""
     answered: list[int] = []
     try:
-        closed, got = trickle(socks, lambda n: head[n:n + 1], HEADER_TIMEOUT + SLACK + 2,
+        closed, got = trickle(socks, piece, deadline + SLACK + 2,
                               lambda: answered.append(authorized(guarded).status_code))
     finally:
         for sock in socks:
             sock.close()
     assert answered == [200]
     assert None not in closed, closed
-    assert all(HEADER_TIMEOUT - 0.2 <= t <= HEADER_TIMEOUT + SLACK for t in closed), closed
-    assert all(g.startswith(b"HTTP/1.1 408 ") and b"REQUEST_HEADER_TIMEOUT" in g for g in got)
+    assert all(deadline - 0.2 <= t <= deadline + SLACK for t in closed), closed
+    assert all(g.startswith(b"HTTP/1.1 408 ") and setting in g for g in got)
 
 
 def test_trickled_bodies_are_closed_by_the_body_rate(guarded: Router, engines: dict) -> None:
@@ -197,17 +205,7 @@ def test_trickled_bodies_are_closed_by_the_body_rate(guarded: Router, engines: d
     socks = [connect(guarded) for _ in range(20)]
     for sock in socks:
         sock.sendall(head)
-    answered: list[int] = []
-    try:
-        closed, got = trickle(socks, lambda n: b" ", BODY_GRACE + SLACK + 2,
-                              lambda: answered.append(authorized(guarded).status_code))
-    finally:
-        for sock in socks:
-            sock.close()
-    assert answered == [200]
-    assert None not in closed, closed
-    assert all(BODY_GRACE - 0.2 <= t <= BODY_GRACE + SLACK for t in closed), closed
-    assert all(g.startswith(b"HTTP/1.1 408 ") and b"BODY_MIN_RATE" in g for g in got)
+    _closed_at_deadline(guarded, socks, lambda n: b" ", BODY_GRACE, b"BODY_MIN_RATE")
     assert [e["path"] for e in engine_calls(engines)] == [CHAT]  # the normal request only
 
 
