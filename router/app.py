@@ -4,6 +4,9 @@ Each proxied route gets its handler from ``router.proxy`` (the request path's ph
 this module adds the router's own endpoints (health, readiness, ``/v1/models``, admin,
 metrics), builds each worker's pieces at start (snapshot, sinks, limiter, health checks,
 batch) and closes them at stop, and turns any error into the route's error envelope.
+Its connections are ``router.listener.Listener``'s (``routeyard serve`` passes it to
+Sanic): strict framing, deadlines, a connection limit, and ``gate``, which checks the key
+before any body is read.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from router.errors import (
     RouterError,
 )
 from router.health import HealthChecker
+from router.listener import Limits, Listener, configure, connection_limit
 from router.proxy import Proxy, authenticate, new_request_id
 from router.record import Sink
 from router.reload import ConfigHolder
@@ -82,6 +86,10 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
         from router.batch.service import BatchService
 
         batch = BatchService(config.batch)
+        if config.batch.max_file_bytes > settings.max_request_size:
+            log.warning("uploads are limited to ROUTEYARD_MAX_REQUEST_SIZE (%d bytes with the "
+                        "form), below batch.max_file_bytes (%d); raise the setting for larger "
+                        "files", settings.max_request_size, config.batch.max_file_bytes)
 
         def tenant_of(request: Request) -> str | None:
             tenant = authenticate(holder.current, request)
@@ -91,6 +99,7 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
 
     @app.before_server_start
     async def start(app: DefaultSanic) -> None:
+        _check_protocol(app)
         _observers(worker, settings, tracing, app)
         metrics = worker.metrics
         if metrics is not None:
@@ -221,8 +230,41 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
             body = await worker.metrics.render()
             return HTTPResponse(body, content_type=PROMETHEUS)
 
+    # Routes anyone may call, and the admin ones; every other route needs a key.
+    open_routes = {f"{app.name}.{name}" for name in ("health", "ready", "metrics")}
+    admin_routes = {f"{app.name}.{name}" for name in ("admin_backends", "admin_config")}
+
+    def gate(request: Request) -> None:
+        """Before a body is read (``router.listener``): with ``auth:``, the route's key.
+        The tenant is kept on the request, so the handler does not hash the key again."""
+        snapshot = holder.current
+        if snapshot.auth is None:
+            return
+        route = request.route
+        name = route.name if route is not None else None
+        if name in open_routes:
+            return
+        if name in admin_routes:
+            admin_only(request)
+            return
+        authenticate(snapshot, request)
+
+    configure(app, Limits(header_timeout=settings.request_header_timeout,
+                          body_grace=settings.request_body_grace,
+                          body_min_rate=settings.request_body_min_rate,
+                          max_connections=connection_limit(settings.max_connections)), gate)
     app.error_handler.add(Exception, _error_response)
     return app
+
+
+def _check_protocol(app: DefaultSanic) -> None:
+    """Refuse to serve without ``Listener``: its checks are the only ones of the framing,
+    the deadlines and the order of authentication and body."""
+    protocols = [info.settings.get("protocol") for info in app.state.server_info]
+    if not protocols or not all(isinstance(p, type) and issubclass(p, Listener)
+                                for p in protocols):
+        raise RuntimeError("routeyard must be served with protocol=router.listener.Listener "
+                           f"(as `routeyard serve` does), not {protocols}")
 
 
 def _observers(worker: Worker, settings: Settings, tracing: bool, app: DefaultSanic) -> None:

@@ -168,6 +168,7 @@ def serve_command(settings: Settings) -> int:
 
     from router import tracing
     from router.app import create_app
+    from router.listener import Listener
 
     _setup_logging(settings.log_level)
     try:
@@ -193,6 +194,7 @@ def serve_command(settings: Settings) -> int:
         port=settings.port,
         workers=settings.workers,
         single_process=settings.workers == 1,
+        protocol=Listener,  # strict framing, deadlines, the connection limit, auth first
         access_log=False,
         motd=False,
     )

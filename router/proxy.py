@@ -1,7 +1,8 @@
 """The phases of a proxied request, in the order they run.
 
-1. **check the head** (``check_head``): a head that could smuggle a header line is
-   refused; the request gets its id.
+1. **check the head** (``check_head``): the request gets its id (``router.listener``
+   refused a head that is not strict HTTP/1.1 before Sanic parsed it, and checked the key
+   before the body was read).
 2. **admit** (``admit``): the model exists and this key may see it, the route's group is
    in its allowlist, the body fits, the tenant's limits have room; the body gets the
    backend's model name; the balancing key and any placement are worked out.
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
     from router.reload import ConfigHolder
     from router.snapshot import ModelEntry, Snapshot
-    from router.tenants.keys import Tenant
+    from router.tenants.keys import Authenticator, Tenant
     from router.tenants.limits import Limiter
     from router.upstream import Response
 
@@ -64,32 +65,34 @@ def new_request_id() -> str:
 
 
 # -- 1. check the head ---------------------------------------------------------------------
-def unsafe_head(head: bytes) -> bool:
-    """Whether a client's request head holds a bare CR or LF or a NUL.
-
-    Sanic's parser splits header lines on CRLF only, so ``X-Request-Id: a\\nInjected: b``
-    arrives as one value; forwarded, it would become two headers at the engine, and echoed
-    it would split the response. Four scans of the head in C, well under a microsecond."""
-    crlf = head.count(b"\r\n")
-    return head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\0" in head
-
-
 def check_head(request: Request) -> str:
-    """The request's id (the client's ``x-request-id`` or a new one), once its head is
-    known to be safe to forward."""
-    if unsafe_head(request.head):
-        raise ClientError("Header values must not contain CR, LF or NUL characters.")
+    """The request's id: the client's ``x-request-id``, or a new one.
+
+    The head itself was checked before Sanic parsed it: ``router.listener`` passes every
+    byte through llhttp, which refuses (400) a bare CR or LF, a NUL or other control in a
+    value, obs-fold, names that are not tokens, and lengths that are not plain digits, so
+    nothing here can smuggle a header line to the engine or split the answer."""
     request_id: str = request.headers.get("x-request-id") or new_request_id()
     request.ctx.request_id = request_id
     return request_id
 
 
 def authenticate(snapshot: Snapshot, request: Request) -> Tenant | None:
-    """The request's tenant when ``auth:`` is configured (401 without a valid key)."""
-    if snapshot.auth is None:
+    """The request's tenant when ``auth:`` is configured (401 without a valid key).
+
+    Once per request and config: the listener's gate calls this before the body is read,
+    and the handler's call then finds the answer on the request."""
+    auth = snapshot.auth
+    if auth is None:
         return None
+    ctx = request.ctx
+    checked: tuple[Authenticator, Tenant] | None = getattr(ctx, "auth", None)
+    if checked is not None and checked[0] is auth:
+        return checked[1]
     headers = request.headers
-    return snapshot.auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
+    tenant = auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
+    ctx.auth = (auth, tenant)
+    return tenant
 
 
 # -- 2. admit ------------------------------------------------------------------------------
@@ -287,8 +290,18 @@ class Proxy:
 
 def _outbound(request: Request, body: bytes, record: Record, strip_keys: bool) -> Outbound:
     """The client's request as it goes to the engine, with ``body`` (rewritten or not)."""
-    return Outbound(request.method, request.raw_url.decode("latin-1"), request.headers, body,
+    return Outbound(request.method, _canonical_target(request), request.headers, body,
                     record.request_id, record.client_ip or "", strip_keys)
+
+
+def _canonical_target(request: Request) -> str:
+    """The request target the engine gets. A route matches with or without a trailing
+    slash; the engine gets the catalog's spelling (vLLM would answer a redirect)."""
+    target = request.raw_url.decode("latin-1")
+    if not request.path.endswith("/"):
+        return target
+    path, sep, query = target.partition("?")
+    return path.rstrip("/") + sep + query
 
 
 class LimiterSink:
