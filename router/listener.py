@@ -230,7 +230,8 @@ class StrictHttp(Http):
         """An unread body that is already all in the buffer (a 404 or 405 for a small
         JSON body) is dropped, and the connection stays open."""
         left = self.request_bytes_left or 0
-        if self.request_body == "chunked" or left > len(self.recv_buffer):
+        framing: object = self.request_body  # Sanic: True (a length) or "chunked"
+        if framing == "chunked" or left > len(self.recv_buffer):
             return False
         del self.recv_buffer[:left]
         self.request_bytes_left = 0
