@@ -139,6 +139,9 @@ def test_dashboard_is_a_grafana_dashboard_with_unique_panel_ids() -> None:
         assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+    cells = [(x, y) for p in panels for g in [p["gridPos"]]
+             for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]
+    assert len(cells) == len(set(cells)), "panels overlap"
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in ("requests", "error", "duration", "first byte", "tokens", "backend",
                   "queue", "batch"):
