@@ -1,7 +1,7 @@
 """docs/configuration.md lists every process setting and every key of routes.yaml.
 
 The settings come from ``router.settings.Settings`` (each field is the environment variable
-``ROUTEYARD_<FIELD>``); the keys from the config models, walked recursively from
+``ROUTEYARD_<FIELD>``) and ``routeyard serve``'s flags; the keys from the config models, walked recursively from
 ``router.config.RoutesFile`` (``auth:`` and ``batch:`` included). A field missing from the
 doc fails, and so does a doc row that names no setting or key. batch.md's own table of the
 ``batch:`` keys is held to the same rule.
@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
+import pytest
 from pydantic import BaseModel
 
+from router.cli import main
 from router.config import RoutesFile
 from router.settings import Settings
 
@@ -74,6 +76,17 @@ def test_every_setting_is_documented_and_every_row_is_a_setting() -> None:
     settings = {f"ROUTEYARD_{name.upper()}" for name in Settings.model_fields}
     assert settings - set(documented) == set(), "settings missing from configuration.md"
     assert set(documented) - settings - LIBRARY_VARIABLES == set(), "rows naming no setting"
+
+
+def test_every_serve_flag_is_documented(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    flags = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out)) - {"--help"}
+    documented = set()
+    for heading, rows in tables((DOCS / "configuration.md").read_text()):
+        if heading == "Process settings":
+            documented |= {name.split()[0] for row in rows for name in _CODE.findall(row[0])}
+    assert flags and flags == documented
 
 
 # --- routes.yaml -----------------------------------------------------------------------
