@@ -1,10 +1,10 @@
 """docs/configuration.md lists every process setting and every key of routes.yaml.
 
 The settings come from ``router.settings.Settings`` (each field is the environment variable
-``ROUTEYARD_<FIELD>``) and ``routeyard serve``'s flags; the keys from the config models, walked recursively from
-``router.config.RoutesFile`` (``auth:`` and ``batch:`` included). A field missing from the
-doc fails, and so does a doc row that names no setting or key. batch.md's own table of the
-``batch:`` keys is held to the same rule.
+``ROUTEYARD_<FIELD>``) and ``routeyard serve``'s flags; the keys from the config models,
+walked recursively from ``router.config.RoutesFile`` (``auth:`` and ``batch:`` included).
+A field missing from the doc fails, and so does a doc row that names no setting or key.
+batch.md's own table of the ``batch:`` keys is held to the same rule.
 """
 
 from __future__ import annotations
