@@ -8,13 +8,16 @@
 #   bash deploy/observability/check_rules.sh [--out DIR]   (default: build/observability)
 #
 # promtool comes from Debian's `prometheus` package, installed with apt-get when missing.
-# PYTHON (default python3) needs ruamel.yaml: routeyard's own venv has it.
+# PYTHON needs ruamel.yaml (a routeyard dependency): default <repo>/.venv/bin/python when
+# that exists, else python3.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 OUT="$ROOT/build/observability"
-PYTHON="${PYTHON:-python3}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
 case "${1:-}" in
   --out) OUT="$2" ;;
   "") ;;
