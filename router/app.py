@@ -117,7 +117,8 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
         if metrics is not None:
             metrics.start(app.loop, lambda: (
                 holder.registry.by_key.values(),
-                [(m.name, len(m.cluster.waiters)) for m in holder.current.models.values()]))
+                [(m.name, len(m.cluster.waiters), m.cluster.up_count())
+                 for m in holder.current.models.values()]))
         limiter = build_limiter()
         proxy.start(limiter, worker.sinks, worker.tracing)
         worker.checker = HealthChecker(holder.registry.board, holder.registry.by_key.values,

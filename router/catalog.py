@@ -2,7 +2,9 @@
 
 Matching, per-model allowlists, ``routeyard check``, docs/supported-apis.md and the
 compatibility suite all read this table; nothing else in the code base lists paths.
-Facts come from ``shared/reference/vllm-openai-api.md`` (vLLM main, 2026-08).
+Facts come from vLLM's OpenAI-compatible server: its route registrations in
+``vllm/entrypoints/openai/api_server.py`` and the other ``vllm/entrypoints`` routers, and
+https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html.
 
 A route with a ``group`` is proxied: the model name is read from the request (JSON body
 or multipart form field ``model``) and the group must be in the model's allowlist. The

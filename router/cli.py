@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check = sub.add_parser("check", help="validate a routes file without serving")
     check.add_argument("file")
+    check.add_argument("--no-secrets", action="store_true",
+                       help="validate the file alone: do not read the key files and "
+                            "environment variables it names (auth:, api_key_env), for a "
+                            "file whose secrets exist only where it is deployed")
 
     fake = sub.add_parser("fake-engine", help="run a fake vLLM engine for tests and demos")
     fake.add_argument("--model", action="append", required=True, help="served model name")
@@ -92,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      if (v := getattr(args, k)) is not None}
         return serve_command(Settings(**overrides))
     if args.command == "check":
-        return check_command(args.file)
+        return check_command(args.file, secrets=not args.no_secrets)
     if args.command == "fake-engine":
         from router.fake_engine.app import run
 
@@ -249,12 +253,14 @@ def _metrics_dir(settings: Settings) -> str | None:
     return path
 
 
-def check_command(path: str) -> int:
+def check_command(path: str, *, secrets: bool = True) -> int:
     try:
-        config = load_file(path)
+        config = load_file(path, secrets=secrets)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if not secrets:
+        print("note: key files and environment variables were not read (--no-secrets)")
     for name, model in config.models.items():
         backends = ", ".join(b.url for b in model.backends)
         rename = f" (backend name {model.backend_model})" if model.backend_model else ""

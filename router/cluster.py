@@ -96,6 +96,10 @@ class Cluster:
     def any_up(self, exclude: frozenset[Endpoint] | set[Endpoint] = frozenset()) -> bool:
         return any(m.endpoint.up and m.endpoint not in exclude for m in self.members)
 
+    def up_count(self) -> int:
+        """Members that get traffic (``Endpoint.up``), for the metrics."""
+        return sum(1 for m in self.members if m.endpoint.up)
+
     def lease(self, key: str | None, exclude: set[Endpoint],
               prefer: str | None = None) -> Lease:
         """Hold one endpoint for a request: ``async with cluster.lease(...) as endpoint``.

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from ruamel.yaml import YAML
@@ -169,8 +170,9 @@ class Backend(_Strict):
 
     @field_validator("api_key_env")
     @classmethod
-    def _check_key_env(cls, name: str | None) -> str | None:
-        if name is not None and not os.environ.get(name):
+    def _check_key_env(cls, name: str | None, info: ValidationInfo) -> str | None:
+        secrets = (info.context or {}).get("secrets", True)
+        if name is not None and secrets and not os.environ.get(name):
             raise ValueError(f"the environment variable {name} (api_key_env) is not set")
         return name
 
@@ -280,17 +282,21 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {message}")
 
 
-def load_file(path: str | Path) -> RoutesConfig:
+def load_file(path: str | Path, *, secrets: bool = True) -> RoutesConfig:
     path = Path(path)
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the routes file: {exc.strerror}") from exc
-    return parse(text, str(path))
+    return parse(text, str(path), secrets=secrets)
 
 
-def parse(text: bytes, source: str = "<routes>") -> RoutesConfig:
-    """Parse and validate routes.yaml content; raise ``ConfigError`` naming the line."""
+def parse(text: bytes, source: str = "<routes>", *, secrets: bool = True) -> RoutesConfig:
+    """Parse and validate routes.yaml content; raise ``ConfigError`` naming the line.
+
+    ``secrets=False`` validates the file alone: the key files and environment variables it
+    names (``auth:``, ``api_key_env``) are not read, and the result has no ``auth``
+    (``routeyard check --no-secrets``, where those exist only in the pod)."""
     try:
         tree = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
@@ -301,7 +307,7 @@ def parse(text: bytes, source: str = "<routes>") -> RoutesConfig:
     if not isinstance(tree, CommentedMap):
         raise ConfigError(source, "the routes file must be a mapping with a `models:` key", 1, 1)
     try:
-        routes = RoutesFile.model_validate(_plain(tree))
+        routes = RoutesFile.model_validate(_plain(tree), context={"secrets": secrets})
     except ValidationError as exc:
         first = exc.errors()[0]
         line, col = _position(tree, first["loc"])
@@ -309,10 +315,11 @@ def parse(text: bytes, source: str = "<routes>") -> RoutesConfig:
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(source, f"{where}: {msg}{more}", line, col) from exc
-    return _resolve(routes, tree, hashlib.sha256(text).hexdigest(), source)
+    return _resolve(routes, tree, hashlib.sha256(text).hexdigest(), source, secrets)
 
 
-def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -> RoutesConfig:
+def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str,
+             secrets: bool = True) -> RoutesConfig:
     d = routes.defaults
     models = {}
     for name, spec in routes.models.items():
@@ -338,7 +345,7 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -
                 *_position(tree, ("models", name)),
             )
     auth = None
-    if routes.auth is not None:
+    if routes.auth is not None and secrets:
         try:
             auth = resolve_auth(routes.auth, Path(source).parent)
         except ValueError as exc:

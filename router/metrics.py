@@ -4,9 +4,10 @@
 and bucket lists of its (model, group, backend) ``Series`` (one ``bisect`` per histogram);
 once a second, and before every scrape, ``flush`` moves the sums into the
 ``prometheus_client`` children and samples the gauges (in flight and health per backend,
-queue length per model) from the endpoints themselves. Updating ``prometheus_client``
-per request would cost about 1 µs per counter and 2 µs per histogram (a lock and, with
-several workers, a memory-mapped write each), several times what the arithmetic costs.
+queue length and backends up per model) from the endpoints themselves. Updating
+``prometheus_client`` per request would cost about 1 µs per counter and 2 µs per
+histogram (a lock and, with several workers, a memory-mapped write each), several times
+what the arithmetic costs.
 Label children are made once per series, never per request.
 
 **Several workers.** With ``--workers N`` each worker writes its values to memory-mapped
@@ -32,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from router.record import Outcome, Record
 
-#: What the metrics sample once a second: the endpoints, and (model name, queue length).
-Sources = Callable[[], "tuple[Iterable[Sampled], Iterable[tuple[str, int]]]"]
+#: What the metrics sample once a second: the endpoints, and per model (name, queue
+#: length, backends that get traffic).
+Sources = Callable[[], "tuple[Iterable[Sampled], Iterable[tuple[str, int, int]]]"]
 
 
 class Sampled(Protocol):
@@ -198,6 +200,11 @@ class Metrics:
         self.queued = Gauge(
             "routeyard_queued_requests", "Requests waiting for a free backend.", ["model"],
             multiprocess_mode="livesum", registry=registry)
+        self.model_backends_up = Gauge(
+            "routeyard_model_backends_up", "Backends of the model that get traffic (as "
+            "routeyard_backend_up; with several workers: the fewest any worker sees); 0: "
+            "the model's requests get 503.", ["model"],
+            multiprocess_mode="livemin", registry=registry)
         self.queue_rejections = Counter(
             "routeyard_queue_rejections", "Requests answered 429 because the queue was full "
             "or no backend freed up in time.", ["model"], registry=registry)
@@ -216,7 +223,7 @@ class Metrics:
         self._series: dict[tuple[str, str, str], Series] = {}
         self._models: dict[str, ModelSeries] = {}
         self._backends: dict[str, tuple[Any, Any]] = {}
-        self._queues: dict[str, Any] = {}
+        self._queues: dict[str, tuple[Any, Any]] = {}
         self._sha: str | None = None
         self._sources: Sources | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -291,11 +298,13 @@ class Metrics:
         if self._sources is not None:
             endpoints, models = self._sources()
             self._sample_backends(endpoints)
-            for name, queued in models:
-                gauge = self._queues.get(name)
-                if gauge is None:
-                    gauge = self._queues[name] = self.queued.labels(name)
-                gauge.set(queued)
+            for name, queued, up in models:
+                pair = self._queues.get(name)
+                if pair is None:
+                    pair = self._queues[name] = (self.queued.labels(name),
+                                                 self.model_backends_up.labels(name))
+                pair[0].set(queued)
+                pair[1].set(up)
 
     def _sample_backends(self, endpoints: Iterable[Sampled]) -> None:
         seen = set()

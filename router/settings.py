@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -56,6 +56,14 @@ class Settings(UpstreamSettings):
     #: OpenTelemetry tracing: unset means "on when the ``OTEL_*`` variables ask for it"
     #: (``router.tracing.tracing_wanted``); true or false overrides them.
     tracing: bool | None = None
+    #: Redis for rate limits that every worker and replica shares
+    #: (``router.tenants.limits.build_limiter`` reads it); unset: each process counts alone.
+    redis_url: SecretStr | None = None
+    #: Prefix of the rate-limit keys in Redis, for routers that share one Redis apart.
+    redis_prefix: str = Field(default="routeyard:rl:", min_length=1)
+    #: Replaces ``batch.database_url`` of the routes file (``router.config`` reads it), so
+    #: a database password can come from a Secret rather than routes.yaml.
+    batch_database_url: SecretStr | None = None
     #: With ``ROUTEYARD_REDIS_URL``: the most Redis connections each worker process opens
     #: for rate limits (``router.tenants.limits_redis``). Read by ``build_limiter``;
     #: declared here so that a bad value stops ``routeyard serve`` at start.

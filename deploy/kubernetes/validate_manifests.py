@@ -5,7 +5,9 @@
 Every object of a built-in kind is validated strictly (unknown fields are errors) against
 the OpenAPI-derived JSON schemas that ship inside the kubernetes-validate package, for each
 version given. Custom resources have no schema there: the kinds in ``CUSTOM_KINDS`` are
-skipped by name and only checked for shape (apiVersion group, name, namespace, spec). Any
+skipped by name and only checked for shape (apiVersion group, name, namespace, spec; a
+PrometheusRule's groups and rules too: deploy/observability/check_rules.sh runs promtool on
+them). Any
 other kind without a schema is an error, so a typo in a built-in kind's apiVersion cannot
 slip through as "custom".
 """
@@ -29,7 +31,11 @@ CUSTOM_KINDS: dict[tuple[str, str], bool] = {
     ("gateway.envoyproxy.io", "ClientTrafficPolicy"): True,
     ("gateway.envoyproxy.io", "BackendTrafficPolicy"): True,
     ("monitoring.coreos.com", "ServiceMonitor"): True,
+    ("monitoring.coreos.com", "PrometheusRule"): True,
 }
+
+#: The fields of a rule in a PrometheusRule (the Prometheus Operator's Rule type).
+RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
 
 
 def _name(obj: dict) -> str:
@@ -50,6 +56,30 @@ def check_custom(obj: dict, namespaced: bool) -> list[str]:
         errors.append("a cluster-scoped resource with metadata.namespace")
     if not isinstance(obj.get("spec"), dict) or not obj["spec"]:
         errors.append("spec is missing or empty")
+    elif obj.get("kind") == "PrometheusRule":
+        errors += check_rule_groups(obj["spec"])
+    return errors
+
+
+def check_rule_groups(spec: dict) -> list[str]:
+    """A PrometheusRule's ``spec``: named groups of rules, each an alert or a record."""
+    groups = spec.get("groups")
+    if not isinstance(groups, list) or not groups:
+        return ["spec.groups is missing or empty"]
+    errors = []
+    for i, group in enumerate(groups):
+        rules = group.get("rules") if isinstance(group, dict) else None
+        if not isinstance(group, dict) or not group.get("name") or not rules:
+            errors.append(f"spec.groups[{i}] needs a name and rules")
+            continue
+        for j, rule in enumerate(rules):
+            where = f"spec.groups[{i}].rules[{j}]"
+            if not isinstance(rule, dict) or not rule.get("expr"):
+                errors.append(f"{where}: no expr")
+            elif ("alert" in rule) == ("record" in rule):
+                errors.append(f"{where}: needs exactly one of alert or record")
+            elif unknown := set(rule) - RULE_FIELDS:
+                errors.append(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     return errors
 
 

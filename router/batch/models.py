@@ -1,7 +1,8 @@
 """The API's objects (FileObject, Batch, lists) and the output/error JSONL lines.
 
-Shapes follow ``shared/reference/vllm-openai-api.md`` §4: every Batch field is present,
-unset timestamps and ids are ``null``, as in OpenAI's examples.
+Shapes follow OpenAI's Batch and File objects (https://platform.openai.com/docs/api-reference/batch
+and .../files), as vLLM's ``vllm/entrypoints/openai/run_batch.py`` reads and writes them:
+every Batch field is present, unset timestamps and ids are ``null``, as in OpenAI's examples.
 """
 
 from __future__ import annotations

