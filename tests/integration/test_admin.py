@@ -166,3 +166,27 @@ auth:
     assert auth["admin_keys"] == ["ops"]
     assert [(k["id"], k["models"], k["limits"]["rpm"]) for k in auth["keys"]] == [
         ("team-a", ["base"], 60)]
+
+
+def test_the_status_page_lists_batches_when_batch_is_on(
+        engine: FakeEngine, launch_router: Callable[..., Router], tmp_path: Path) -> None:
+    batch = f"""\
+batch:
+  database_url: sqlite+aiosqlite:///{tmp_path}/batch.db
+  storage: {{url: "{tmp_path}/files"}}
+  workers: 0
+"""
+    router = launch_router(two_models(engine, batch))  # no batch worker: batches wait
+    upload = router.client.post("/v1/files", data={"purpose": "batch"}, files={
+        "file": ("in.jsonl", b'{"custom_id": "a", "method": "POST", "url": '
+                             b'"/v1/chat/completions", "body": {"model": "base", '
+                             b'"messages": [{"role": "user", "content": "hi"}]}}\n')})
+    assert upload.status_code == 200, upload.text
+    made = router.client.post("/v1/batches", json={
+        "input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"})
+    assert made.status_code == 200, made.text
+    page = router.client.get("/admin/status").text
+    assert "Batches in progress" in page
+    row = page.split(made.json()["id"], 1)[1].split("</tr>", 1)[0]
+    assert '<span class="validating">validating</span>' in row and "0 of 0" in row
