@@ -281,6 +281,8 @@ class EngineModels:
         return [] if served is None else sorted(n for n in names if n not in served)
 
     def due(self, wanted: frozenset[str]) -> bool:
+        """Whether a passing check should read ``/v1/models`` now (the class docstring);
+        never for an endpoint no model routes to."""
         return bool(wanted) and (self.stale or self.checks >= MODELS_EVERY
                                  or wanted != self.asked or bool(self.missing(wanted)))
 
