@@ -1,9 +1,10 @@
 """The listener: a Sanic app whose routes come from the catalog, and its lifecycle.
 
 Each proxied route gets its handler from ``router.proxy`` (the request path's phases);
-this module adds the router's own endpoints (health, readiness, ``/v1/models``, admin,
-metrics), builds each worker's pieces at start (snapshot, sinks, limiter, health checks,
-batch) and closes them at stop, and turns any error into the route's error envelope.
+this module adds the router's own endpoints (health, readiness, ``/v1/models``, metrics;
+the admin surface is ``router.admin``'s), builds each worker's pieces at start (snapshot,
+sinks, limiter, health checks, batch) and closes them at stop, and turns any error into
+the route's error envelope.
 Its connections are ``router.listener.Listener``'s (``routeyard serve`` passes it to
 Sanic): strict framing, deadlines, a connection limit, and ``gate``, which checks the key
 before any body is read.
@@ -20,6 +21,7 @@ import orjson
 from sanic import DefaultSanic, HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 
+from router import admin
 from router.catalog import BY_RESPONSE_ID, PROXIED, error_style
 from router.config import load_file
 from router.errors import (
@@ -175,13 +177,6 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
         tenant = authenticate(snapshot, request)
         return HTTPResponse(snapshot.models_body_for(tenant), content_type=JSON)
 
-    def admin_only(request: Request) -> None:
-        """``/admin/*`` needs an admin key once ``auth:`` is configured."""
-        auth = holder.current.auth
-        if auth is not None:
-            headers = request.headers
-            auth.authenticate_admin(headers.get("authorization"), headers.get("x-api-key"))
-
     @app.get("/health")
     async def health(request: Request) -> HTTPResponse:
         return HTTPResponse(b'{"status":"ok"}', content_type=JSON)
@@ -203,26 +198,7 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
             return HTTPResponse(body, 503, content_type=JSON)
         return HTTPResponse(b'{"status":"ready"}', content_type=JSON)
 
-    @app.get("/admin/backends")
-    async def admin_backends(request: Request) -> HTTPResponse:
-        admin_only(request)
-        models = holder.current.models
-        body = {
-            name: {"policy": m.cluster.config.policy, "in_flight": m.cluster.in_flight,
-                   "queued": len(m.cluster.waiters), "backends": m.cluster.describe()}
-            for name, m in models.items()
-        }
-        return HTTPResponse(orjson.dumps(body), content_type=JSON)
-
-    @app.get("/admin/config")
-    async def admin_config(request: Request) -> HTTPResponse:
-        admin_only(request)
-        body = {
-            **holder.current.summary(),
-            "reloads": holder.reloads,
-            "last_error": holder.last_error,
-        }
-        return HTTPResponse(orjson.dumps(body), content_type=JSON)
+    admin_routes = admin.register(app, holder, batch)
 
     if settings.metrics:
         @app.get("/metrics")
@@ -233,7 +209,6 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
 
     # Routes anyone may call, and the admin ones; every other route needs a key.
     open_routes = {f"{app.name}.{name}" for name in ("health", "ready", "metrics")}
-    admin_routes = {f"{app.name}.{name}" for name in ("admin_backends", "admin_config")}
 
     def gate(request: Request) -> None:
         """Before a body is read (``router.listener``): with ``auth:``, the route's key.
@@ -246,7 +221,7 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
         if name in open_routes:
             return
         if name in admin_routes:
-            admin_only(request)
+            admin.admin_only(holder, request)
             return
         authenticate(snapshot, request)
 

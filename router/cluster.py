@@ -31,6 +31,12 @@ an endpoint is ejected only if *every* model it serves can spare it
 (``Endpoint.review_waiver``). The strictest model wins: a model may keep sending to a
 backend another one shares, never lose its last one. The clusters of older snapshots that
 requests in flight still hold count too, until those requests end.
+
+A member whose engine does not serve the name this model sends (``sent_name``: its
+``backend_model``, else its own name; ``EngineModels``, read by the health checker) is
+**unserved**: out of this model's balancer and counted out of rotation, while the same
+endpoint keeps serving the models whose names it does serve. It is back once the engine
+lists the name.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class Cluster:
                  outlier: OutlierDetection) -> None:
         self.config = config
         self.name = config.name
+        #: The model name requests of this model carry to the engine.
+        self.sent_name = config.backend_model or config.name
         #: The snapshot's outlier detection, for reports of this cluster's requests.
         self.outlier = outlier
         self.max_in_flight = config.max_in_flight
@@ -70,6 +78,9 @@ class Cluster:
         self.waiters: deque[tuple[asyncio.Future[None], set[Endpoint]]] = deque()
         self.members: tuple[Member, ...] = ()
         self.member_set: frozenset[Endpoint] = frozenset()
+        #: Members whose engine does not serve ``sent_name``, and the others (routable).
+        self.unserved: frozenset[Endpoint] = frozenset()
+        self.routable: tuple[Member, ...] = ()
         #: Too few members in rotation: their ejections are waived (module docstring).
         self.panic = False
         self.balancer: Balancer = make_balancer(config, ())
@@ -87,14 +98,33 @@ class Cluster:
         self.member_set = frozenset(m.endpoint for m in self.members)
         for member in self.members:
             member.endpoint.clusters.add(self)
-        self.balancer = make_balancer(self.config, self.members)
+        self._route(frozenset(m.endpoint for m in self.members
+                              if not m.endpoint.engine.serves(self.sent_name)))
         self.panic = self._panics()
         for endpoint in before | self.member_set:
             endpoint.review_waiver()
         self.wake_all()
 
+    def _route(self, unserved: frozenset[Endpoint]) -> None:
+        """Build the balancer over the members whose engine serves this model."""
+        self.unserved = unserved
+        self.routable = tuple(m for m in self.members if m.endpoint not in unserved)
+        self.balancer = make_balancer(self.config, self.routable)
+
+    def served_changed(self, endpoint: Endpoint) -> None:
+        """``endpoint``'s engine listed its models anew: route to it for this model, or
+        not (module docstring)."""
+        if endpoint not in self.member_set:
+            return
+        serves = endpoint.engine.serves(self.sent_name)
+        if serves == (endpoint not in self.unserved):
+            return
+        self._route(self.unserved - {endpoint} if serves else self.unserved | {endpoint})
+        self.review()
+        self.wake_all()
+
     def any_up(self, exclude: frozenset[Endpoint] | set[Endpoint] = frozenset()) -> bool:
-        return any(m.endpoint.up and m.endpoint not in exclude for m in self.members)
+        return any(m.endpoint.up and m.endpoint not in exclude for m in self.routable)
 
     def up_count(self) -> int:
         """Members that get traffic (``Endpoint.up``), for the metrics."""
@@ -125,7 +155,7 @@ class Cluster:
         not in ``exclude``, counted in flight; else None."""
         if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
             return None
-        for member in self.members:
+        for member in self.routable:
             endpoint = member.endpoint
             if endpoint.key == backend:
                 if not (endpoint.up and endpoint.has_capacity) or endpoint in exclude:
@@ -218,8 +248,11 @@ class Cluster:
         if endpoint not in self.member_set:
             return True  # a member of this cluster once (a DNS refresh dropped it)
         out = sum(1 for m in self.members
-                  if m.endpoint is endpoint or not m.endpoint.health.in_rotation)
+                  if m.endpoint is endpoint or not self._in_rotation(m.endpoint))
         return out * 100 <= self.outlier.max_ejection_percent * len(self.members)
+
+    def _in_rotation(self, endpoint: Endpoint) -> bool:
+        return endpoint.health.in_rotation and endpoint not in self.unserved
 
     def panics_for(self, endpoint: Endpoint) -> bool:
         """Whether this model, in panic mode, routes to ``endpoint`` even if ejected."""
@@ -227,7 +260,7 @@ class Cluster:
 
     def _panics(self) -> bool:
         members = self.members
-        up = sum(1 for m in members if m.endpoint.health.in_rotation)
+        up = sum(1 for m in members if self._in_rotation(m.endpoint))
         return up * 100 < self.outlier.panic_threshold * len(members)
 
     def review(self) -> None:
@@ -236,13 +269,13 @@ class Cluster:
         if panic == self.panic:
             return
         self.panic = panic
-        up = sum(1 for m in self.members if m.endpoint.health.in_rotation)
+        up = sum(1 for m in self.members if self._in_rotation(m.endpoint))
         if panic:
             log.warning("model %s: %d of %d backends up, under panic_threshold %d%%: its "
                         "ejected backends get traffic again", self.name, up,
                         len(self.members), self.outlier.panic_threshold)
         else:
-            log.warning("model %s: %d of %d backends up, panic mode over", self.name, up,
+            log.info("model %s: %d of %d backends up, panic mode over", self.name, up,
                         len(self.members))
         for endpoint in self.member_set:
             endpoint.review_waiver()
@@ -257,7 +290,19 @@ class Cluster:
         return max(1, math.ceil(soonest))
 
     def describe(self) -> list[dict[str, object]]:
-        return [{**m.endpoint.describe(), "weight": m.weight} for m in self.members]
+        """Each member as the admin view shows it; an unserved one reads unhealthy, with
+        the reason, for this model only."""
+        backends = []
+        for m in self.members:
+            endpoint = m.endpoint
+            view = {**endpoint.describe(), "weight": m.weight,
+                    "model_served": None if endpoint.engine.served is None
+                    else endpoint not in self.unserved}
+            if endpoint in self.unserved:
+                view.update(state="unhealthy", up=False,
+                            last_error=endpoint.engine.not_served(self.sent_name))
+            backends.append(view)
+        return backends
 
 
 def _time_up(waiter: asyncio.Future[None]) -> None:

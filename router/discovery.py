@@ -3,7 +3,8 @@
 ``discovery: dns`` resolves the URL's host name to every address behind it (a Kubernetes
 headless Service lists one per ready pod) and re-resolves it every ``dns_refresh``. Pods
 that appear get traffic; pods that vanish get no new requests and finish those in flight.
-A failed lookup keeps the last good answer.
+A failed lookup keeps the last good answer, and its reason is kept for the admin view
+until a lookup succeeds.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ class HasMembers(Protocol):
 
 
 class Resolver:
-    """Resolves DNS backends, remembering the last good answer per URL."""
+    """Resolves DNS backends, remembering the last good answer per URL, and why the last
+    lookup failed (until one succeeds)."""
 
     def __init__(self) -> None:
         self.last: dict[str, list[str]] = {}
+        self.errors: dict[str, str] = {}
 
     async def addresses(self, url: str) -> list[str]:
         parts = urlsplit(url)
@@ -43,7 +46,9 @@ class Resolver:
         except OSError as exc:
             log.warning("cannot resolve %s (keeping %d known addresses): %s",
                         url, len(self.last.get(url, [])), exc)
+            self.errors[url] = f"cannot resolve {parts.hostname}: {exc}"
             return self.last.get(url, [])
+        self.errors.pop(url, None)
         found = sorted({str(info[4][0]) for info in infos})
         if found != self.last.get(url):
             log.info("%s resolves to %s", url, ", ".join(found) or "nothing")

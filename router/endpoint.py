@@ -11,13 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.health import Health, HealthBoard
+from router.health import EngineModels, Health, HealthBoard
 from router.upstream import Origin, Pool, Transport
 
 
 class ClusterView(Protocol):
-    """A cluster as its endpoints see it: its queue waits for their slots, and it has a
-    say in their ejection (``router.cluster.Cluster``)."""
+    """A cluster as its endpoints see it: its queue waits for their slots, it has a say in
+    their ejection, and it knows the model name it sends (``router.cluster.Cluster``)."""
+
+    @property
+    def sent_name(self) -> str: ...
+
+    def served_changed(self, endpoint: Endpoint) -> None: ...
 
     def wake_one(self, freed: Endpoint | None = None) -> None: ...
 
@@ -33,8 +38,8 @@ class ClusterView(Protocol):
 class Endpoint:
     """One backend address: transport, in-flight count, health."""
 
-    __slots__ = ("api_key_header", "clusters", "health", "in_flight", "key", "max_in_flight",
-                 "origin", "transport", "url")
+    __slots__ = ("api_key_header", "clusters", "engine", "health", "in_flight", "key",
+                 "max_in_flight", "origin", "transport", "url")
 
     def __init__(self, key: str, url: str, origin: Origin, transport: Transport,
                  board: HealthBoard) -> None:
@@ -43,6 +48,8 @@ class Endpoint:
         self.origin = origin
         self.transport = transport
         self.health = Health(key, board)
+        #: The models the engine says it serves (read by the health checker).
+        self.engine = EngineModels()
         self.in_flight = 0
         self.max_in_flight: int | None = None
         #: ``authorization: Bearer <engine key>\r\n`` when the engine runs with --api-key.
@@ -72,6 +79,15 @@ class Endpoint:
         if self.health.waive(any(cluster.panics_for(self) for cluster in clusters)):
             for cluster in clusters:
                 cluster.wake_all()
+
+    def wanted_models(self) -> frozenset[str]:
+        """The model names the models routed here send (each its ``backend_model``)."""
+        return frozenset(cluster.sent_name for cluster in list(self.clusters))
+
+    def models_changed(self) -> None:
+        """``engine.served`` was read anew: each model routed here reviews this endpoint."""
+        for cluster in list(self.clusters):
+            cluster.served_changed(self)
 
     def describe(self) -> dict[str, object]:
         return {

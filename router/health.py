@@ -20,7 +20,11 @@ can spare it, ``Cluster.may_eject``) says so; the streak keeps counting, so a la
 ejects once a model can spare it. An ejected endpoint is still **up** while its ejection is
 ``waived``: a model it serves is in panic mode (``Cluster.review``).
 
-``HealthChecker`` runs the active checks of one worker and the ejection probes.
+A recovery (back to healthy, an ejection over) ends the failure streak: its counters and
+``last_error`` clear, so the admin view shows the state now, not the last incident.
+
+``HealthChecker`` runs the active checks of one worker and the ejection probes, and asks
+each engine which models it serves (``EngineModels``; the rule is in its docstring).
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
+import orjson
+
 from router.errors import UpstreamError
+from router.isotime import iso
 from router.upstream import Timeouts
 
 if TYPE_CHECKING:
@@ -124,6 +131,13 @@ class Health:
 
     def _forgive(self) -> None:
         self.consecutive_failures = self.consecutive_5xx = 0
+        self._clear_if_well()
+
+    def _clear_if_well(self) -> None:
+        """No failure streak left and in rotation: ``last_error`` is history, cleared."""
+        if (self.healthy and not self.ejected and not self.active_failures
+                and not self.consecutive_5xx):
+            self.last_error = None
 
     # -- reports from real requests (passive outlier detection) ---------------------------
     def request_succeeded(self) -> None:
@@ -169,19 +183,24 @@ class Health:
         if error is None:
             self.active_failures = 0
             self.active_successes += 1
+            recovered = False
             if not healthy and self.active_successes >= checks.healthy_threshold:
-                healthy = True
+                healthy = recovered = True
             if (ejected and outlier.uneject_on_health_check
                     and (started is None or started >= self.ejected_at)):
-                ejected = False
+                ejected, recovered = False, True
+            self._set(healthy, ejected)
+            if recovered:
                 self._forgive()
+            else:
+                self._clear_if_well()
         else:
             self.last_error = error
             self.active_successes = 0
             self.active_failures += 1
             if healthy and self.active_failures >= checks.unhealthy_threshold:
                 healthy = False
-        self._set(healthy, ejected)
+            self._set(healthy, ejected)
         if self.ejected and time.monotonic() >= self.ejected_until:
             self.probed(error, outlier)
 
@@ -190,8 +209,8 @@ class Health:
         if not self.ejected:
             return
         if error is None:
-            self._forgive()
             self._set(self.healthy, False)
+            self._forgive()
         else:
             self.last_error = error
             self.ejected_until = time.monotonic() + outlier.ejection
@@ -203,22 +222,76 @@ class Health:
             "consecutive_failures": self.consecutive_failures,
             "consecutive_5xx": self.consecutive_5xx,
             "last_error": self.last_error,
-            "last_check": self.last_check,
+            "last_check": iso(self.last_check),
         }
 
 
 def _log_transition(health: Health, before: str, after: str) -> None:
+    """Going down at WARNING, coming back at INFO."""
     if after == EJECTED:
         log.warning("backend %s ejected for %.1fs after %d failures in a row (the last %d "
                     "gateway failures; last: %s)", health.key,
                     health.ejected_until - time.monotonic(), health.consecutive_5xx,
                     health.consecutive_failures, health.last_error)
+    elif after == UNHEALTHY:
+        log.warning("backend %s is now unhealthy%s", health.key,
+                    f" ({health.last_error})" if health.last_error else "")
     elif before == EJECTED:
-        log.warning("backend %s is back after its ejection", health.key)
+        log.info("backend %s is back after its ejection", health.key)
     else:
-        log.warning("backend %s is now %s%s", health.key, after,
-                    f" ({health.last_error})" if after == UNHEALTHY and health.last_error
-                    else "")
+        log.info("backend %s is healthy again", health.key)
+
+
+#: Passing checks between two reads of an engine's ``/v1/models`` while nothing is amiss.
+MODELS_EVERY = 12
+#: The most served names a reason lists.
+NAMES_SHOWN = 20
+
+
+class EngineModels:
+    """What one engine said its ``/v1/models`` serves, and when to ask again.
+
+    The checker reads ``/v1/models`` after a passing ``/health`` check when one of these
+    holds: it never has (or the last read failed), the check before failed (the engine may
+    have restarted with other flags), the names the endpoint's models send changed (a
+    reload), a name is missing (so a fix is seen at the next check), or ``MODELS_EVERY``
+    checks passed since. An engine that answers anything but 200 and a model list (a
+    non-vLLM backend's 404, a 401) lists nothing: ``served`` is None, and its backends are
+    judged by ``/health`` alone."""
+
+    __slots__ = ("asked", "checks", "served", "stale")
+
+    def __init__(self) -> None:
+        #: The model ids the engine lists; None: not known, or it lists none.
+        self.served: frozenset[str] | None = None
+        #: The names the endpoint's models sent when ``served`` was read.
+        self.asked: frozenset[str] = frozenset()
+        #: Passing checks since ``served`` was read.
+        self.checks = 0
+        #: Read at the next passing check.
+        self.stale = True
+
+    def serves(self, name: str) -> bool:
+        """Whether a request for ``name`` may go to this engine (True when not known)."""
+        return self.served is None or name in self.served
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """The names of ``names`` the engine is known not to serve."""
+        served = self.served
+        return [] if served is None else sorted(n for n in names if n not in served)
+
+    def due(self, wanted: frozenset[str]) -> bool:
+        """Whether a passing check should read ``/v1/models`` now (the class docstring);
+        never for an endpoint no model routes to."""
+        return bool(wanted) and (self.stale or self.checks >= MODELS_EVERY
+                                 or wanted != self.asked or bool(self.missing(wanted)))
+
+    def not_served(self, name: str) -> str:
+        """The reason a backend is out for model ``name``."""
+        listed = sorted(self.served or ())
+        shown = ", ".join(listed[:NAMES_SHOWN]) or "nothing"
+        more = f" and {len(listed) - NAMES_SHOWN} more" if len(listed) > NAMES_SHOWN else ""
+        return f"model {name} not served (engine serves: {shown}{more})"
 
 
 class Checked(Protocol):
@@ -230,14 +303,25 @@ class Checked(Protocol):
     def origin(self) -> Origin: ...
     @property
     def transport(self) -> Transport: ...
+    @property
+    def api_key_header(self) -> str | None: ...
+    @property
+    def engine(self) -> EngineModels: ...
+
+    def wanted_models(self) -> frozenset[str]: ...
+
+    def models_changed(self) -> None: ...
+
+
+def _get(origin: Origin, path: str, extra: str = "") -> bytes:
+    return (f"GET {origin.base_path}{path} HTTP/1.1\r\n"
+            f"host: {origin.host_header.decode()}\r\n{extra}"
+            "user-agent: routeyard-health\r\ncontent-length: 0\r\n\r\n").encode()
 
 
 async def probe(endpoint: Checked, path: str, timeout: float) -> str | None:
     """None if ``GET path`` answers 200 in time, else what went wrong."""
-    origin = endpoint.origin
-    head = (f"GET {origin.base_path}{path} HTTP/1.1\r\n"
-            f"host: {origin.host_header.decode()}\r\n"
-            "user-agent: routeyard-health\r\ncontent-length: 0\r\n\r\n").encode()
+    head = _get(endpoint.origin, path)
     try:
         response = await endpoint.transport.handle(head, b"", Timeouts(timeout, timeout, timeout))
         try:
@@ -249,6 +333,26 @@ async def probe(endpoint: Checked, path: str, timeout: float) -> str | None:
     if response.status != 200:
         return f"health check: status {response.status}"
     return None
+
+
+async def listed_models(endpoint: Checked, timeout: float) -> frozenset[str] | None:
+    """The ids of the engine's ``GET /v1/models`` (sent with the engine's key), or None
+    when it answers anything but 200 with a model list; ``UpstreamError`` when no answer
+    came."""
+    head = _get(endpoint.origin, "/v1/models", endpoint.api_key_header or "")
+    response = await endpoint.transport.handle(head, b"", Timeouts(timeout, timeout, timeout))
+    try:
+        body = await response.read()
+    finally:
+        response.close()
+    if response.status != 200:
+        return None
+    try:
+        data = orjson.loads(body).get("data")
+        ids = frozenset(card["id"] for card in data)
+    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
+        return None
+    return ids if all(isinstance(i, str) for i in ids) else None
 
 
 class HealthChecker:
@@ -278,6 +382,36 @@ class HealthChecker:
         started = time.monotonic()
         error = await probe(endpoint, checks.path, checks.timeout)
         endpoint.health.checked(error, checks, outlier, started)
+        engine = endpoint.engine
+        if error is not None:
+            engine.stale = True
+            return
+        engine.checks += 1
+        wanted = endpoint.wanted_models()
+        if engine.due(wanted):
+            await self.check_models(endpoint, wanted, checks.timeout)
+
+    async def check_models(self, endpoint: Checked, wanted: frozenset[str],
+                           timeout: float) -> None:
+        """Read which models the engine serves; log each name that goes missing (WARNING)
+        or comes back (INFO) once, and tell the endpoint's models."""
+        engine = endpoint.engine
+        try:
+            served = await listed_models(endpoint, timeout)
+        except UpstreamError:
+            engine.stale = True  # /health answered: try again at the next check
+            return
+        before = set(engine.missing(engine.asked))
+        engine.served, engine.asked, engine.checks, engine.stale = served, wanted, 0, False
+        now = engine.missing(wanted)
+        for name in now:
+            if name not in before:
+                log.warning("backend %s: %s; it gets no requests for that model",
+                            endpoint.health.key, engine.not_served(name))
+        for name in sorted(before - set(now)):
+            if served is None or name in served:
+                log.info("backend %s serves model %s again", endpoint.health.key, name)
+        endpoint.models_changed()
 
     def _transition(self, health: Health, before: str, after: str) -> None:
         if after != EJECTED or health.key in self.probing:

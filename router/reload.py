@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -38,6 +39,9 @@ log = logging.getLogger("routeyard.reload")
 SETTLE_STEP = 0.05
 SETTLE_POLLS = 4
 SETTLE_LIMIT = 3.0
+
+#: How many loads ``ConfigHolder.history`` keeps.
+HISTORY = 10
 
 #: (size, mtime in ns, inode) of each file, None for one that is missing.
 FileStates = tuple[tuple[int, int, int] | None, ...]
@@ -81,7 +85,12 @@ class ConfigHolder:
         self.registry = registry or EndpointRegistry()
         self.resolver = Resolver()
         self.reloads = {"ok": 0, "error": 0, "unchanged": 0}
+        #: Why the last reload was refused; None once a load succeeds (or finds the file
+        #: back to the snapshot served).
         self.last_error: str | None = None
+        #: The latest loads, newest last: (Unix time, result, sha256 served after it,
+        #: the refusal's reason); the first load's result is "start".
+        self.history: deque[tuple[float, str, str, str | None]] = deque(maxlen=HISTORY)
         self.tasks: set[asyncio.Task[object]] = set()
         self._lock = asyncio.Lock()
         #: How a reload waits for the files to stop changing (see ``settled``).
@@ -92,6 +101,8 @@ class ConfigHolder:
         self.listeners: list[Callable[[str | None, Snapshot], None]] = []
 
     def _loaded(self, result: str | None) -> None:
+        self.history.append((time.time(), result or "start", self.current.config.sha256,
+                             self.last_error if result == "error" else None))
         for listener in self.listeners:
             listener(result, self.current)
 
@@ -127,6 +138,7 @@ class ConfigHolder:
             fingerprint = (config.sha256, config.auth.fingerprint if config.auth else None)
             if fingerprint == self.current.fingerprint:
                 self.reloads["unchanged"] += 1
+                self.last_error = None  # back to the file served: nothing is refused now
                 self._loaded("unchanged")
                 return False
             self.current = await snapshot.build(config, self.registry, self.resolver)

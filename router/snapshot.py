@@ -20,6 +20,7 @@ from router.cluster import Cluster
 from router.config import ModelConfig, Retries, RoutesConfig
 from router.discovery import Resolver, apply_limits
 from router.endpoint import EndpointRegistry
+from router.isotime import iso
 from router.tenants.keys import Authenticator, Tenant
 from router.upstream import Timeouts
 
@@ -72,7 +73,7 @@ class Snapshot:
         return {
             "sha256": self.config.sha256,
             "source": self.config.source,
-            "loaded_at": self.loaded_at,
+            "loaded_at": iso(self.loaded_at),
             "models": {
                 name: {
                     "backends": [b.url for b in self.config.models[name].backends],

@@ -416,12 +416,11 @@ class Router(Process):
         return r.json()
 
     def wait_workers(self, timeout: float = 20) -> None:
-        """Until each of the workers has answered: they loaded the config at different
-        instants, so ``loaded_at`` tells them apart."""
-        seen: set[float] = set()
+        """Until each of the workers has answered (``pid`` tells them apart)."""
+        seen: set[int] = set()
 
         def all_answered() -> bool:
-            seen.add(self.fresh_admin()["loaded_at"])
+            seen.add(self.fresh_admin()["pid"])
             return len(seen) >= self.workers
 
         wait_until(all_answered, timeout, f"all {self.workers} workers of {self} answer")

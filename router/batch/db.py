@@ -189,6 +189,14 @@ class MetaStore:
             rows = list((await conn.execute(query)).all())
         return rows[:limit], len(rows) > limit
 
+    async def active_batches(self, limit: int) -> list[AnyRow]:
+        """The oldest ``limit`` batches of every tenant that have not ended (the admin
+        view)."""
+        query = (select(batches).where(batches.c.status.in_(ACTIVE))
+                 .order_by(batches.c.seq).limit(limit))
+        async with self.engine.begin() as conn:
+            return list((await conn.execute(query)).all())
+
     async def request_cancel(self, tenant: str, batch_id: str, now: int) -> bool:
         """validating/in_progress → cancelling; False if the batch was in another status."""
         async with self.engine.begin() as conn:

@@ -237,6 +237,15 @@ class BatchService:
         rows, more = found
         return page([batch_object(r) for r in rows], more)
 
+    async def active_batches(self, limit: int) -> list[dict[str, Any]]:
+        """Batches of every tenant still running, oldest first, at most ``limit``: id,
+        tenant, status, endpoint, model, ``request_counts`` and ``created_at``."""
+        rows = await self.db.active_batches(limit)
+        return [{"id": r.id, "tenant": r.tenant, "status": r.status, "endpoint": r.endpoint,
+                 "model": r.model, "created_at": r.created_at,
+                 "request_counts": {"total": r.total, "completed": r.completed,
+                                    "failed": r.failed}} for r in rows]
+
     async def cancel_batch(self, tenant: str | None, batch_id: str) -> dict[str, Any]:
         """validating/in_progress → cancelling (a worker then ends it as cancelled)."""
         if not await self.db.request_cancel(_tenant(tenant), batch_id, self.now()):

@@ -446,7 +446,8 @@ def test_gateway_routes(rendered, name: str) -> None:
     assert all(m["path"]["type"] == "PathPrefix" for m in rule["matches"])
     api = {p for r in PROXIED for p in r.paths} | {"/v1/models", "/v1/files", "/v1/batches"}
     assert not [p for p in sorted(api) if not _matched(p, prefixes)], "API paths not routed"
-    internal = ["/metrics", "/health", "/ready", "/admin/config", "/admin/backends"]
+    internal = ["/metrics", "/health", "/ready", "/admin/config", "/admin/backends",
+                "/admin/status"]
     assert not [p for p in internal if _matched(p, prefixes)], "internal paths exposed"
 
     policy = one(objs, "BackendTrafficPolicy", "routeyard")

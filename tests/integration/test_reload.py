@@ -141,8 +141,8 @@ def _every_worker_serves(router: Router, expected: str) -> None:
 
 def _every_watcher_armed(router: Router, text: str) -> None:
     """Until each worker's watcher has reloaded the file once (unchanged): rewrite the
-    same text now and then, and tell the workers apart by ``loaded_at``."""
-    unchanged: dict[float, int] = {}
+    same text now and then, and tell the workers apart by ``pid``."""
+    unchanged: dict[int, int] = {}
     writes: list[float] = []
 
     def armed() -> bool:
@@ -150,7 +150,7 @@ def _every_watcher_armed(router: Router, text: str) -> None:
             router.config.write_text(text)
             writes.append(time.monotonic())
         view = router.fresh_admin()
-        unchanged[view["loaded_at"]] = view["reloads"]["unchanged"]
+        unchanged[view["pid"]] = view["reloads"]["unchanged"]
         return len(unchanged) == router.workers and all(unchanged.values())
 
     wait_until(armed, 10, "every worker's watcher reloads an unchanged file")

@@ -493,10 +493,10 @@ def test_describe_lists_members_with_weight_and_counts() -> None:
     assert described == [
         {"url": "http://e0:8000", "address": "e0:8000", "state": "healthy", "up": True,
          "consecutive_failures": 0, "consecutive_5xx": 0, "last_error": None,
-         "last_check": None, "in_flight": 1, "max_in_flight": 4, "weight": 3},
+         "last_check": None, "in_flight": 1, "max_in_flight": 4, "weight": 3, "model_served": None},
         {"url": "http://e1:8000", "address": "e1:8000", "state": "healthy", "up": True,
          "consecutive_failures": 0, "consecutive_5xx": 0, "last_error": None,
-         "last_check": None, "in_flight": 0, "max_in_flight": 4, "weight": 1},
+         "last_check": None, "in_flight": 0, "max_in_flight": 4, "weight": 1, "model_served": None},
     ]
     eject(e1)
     assert c.describe()[1]["state"] == "ejected"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -11,6 +12,7 @@ from router.config import HealthChecks, OutlierDetection
 from router.endpoint import Endpoint
 from router.errors import BackendUnavailable
 from router.health import EJECTED, HEALTHY, UNHEALTHY, Health, HealthBoard, HealthChecker, probe
+from router.isotime import iso
 from router.upstream_mock import MockReply, MockRequest, MockTransport
 from tests.unit.fleet_core import FakeClock, Transitions, eventually, registry
 
@@ -285,7 +287,75 @@ def test_describe(clock: FakeClock) -> None:
     assert health.describe() == {"state": HEALTHY, "up": True, "consecutive_failures": 0,
                                  "consecutive_5xx": 0,
                                  "last_error": "health check: status 500",
-                                 "last_check": clock.time()}
+                                 "last_check": iso(clock.time())}
+    assert health.describe()["last_check"] == "2023-11-14T22:30:00.000Z"
+
+
+def streak(health: Health) -> tuple[int, int, str | None]:
+    return health.consecutive_failures, health.consecutive_5xx, health.last_error
+
+
+def test_the_end_of_an_ejection_clears_the_streak_and_its_reason(clock: FakeClock) -> None:
+    health, _ = machine()
+    for _ in range(3):
+        health.request_failed("connection refused", OUTLIER)
+    assert health.ejected and streak(health) == (3, 3, "connection refused")
+    health.checked(None, CHECKS, OUTLIER)  # uneject_on_health_check
+    assert health.state == HEALTHY and streak(health) == (0, 0, None)
+    # Or by the cool-down's probe.
+    for _ in range(3):
+        health.request_failed("status 502", STICKY, 502)
+    clock.advance(31)
+    health.probed(None, STICKY)
+    assert health.state == HEALTHY and streak(health) == (0, 0, None)
+
+
+def test_healthy_again_after_failed_checks_clears_the_reason(clock: FakeClock) -> None:
+    health, _ = machine()
+    health.request_failed("status 502", OUTLIER, 502)
+    for _ in range(2):
+        health.checked("health check: status 500", CHECKS, OUTLIER)
+    assert health.state == UNHEALTHY and health.last_error == "health check: status 500"
+    health.checked(None, CHECKS, OUTLIER)
+    assert health.state == UNHEALTHY and health.last_error == "health check: status 500"
+    health.checked(None, CHECKS, OUTLIER)  # healthy_threshold 2
+    assert health.state == HEALTHY and streak(health) == (0, 0, None)
+
+
+def test_a_streak_that_ends_without_a_transition_clears_its_reason(clock: FakeClock) -> None:
+    health, _ = machine()
+    health.request_failed("connection reset", OUTLIER)
+    assert streak(health) == (1, 1, "connection reset")
+    health.request_succeeded()
+    assert streak(health) == (0, 0, None)
+    health.checked("health check: status 500", CHECKS, OUTLIER)  # one, under the threshold
+    health.checked(None, CHECKS, OUTLIER)
+    assert health.last_error is None
+    # A passing check says nothing about requests failing meanwhile.
+    health.request_failed("status 502", OUTLIER, 502)
+    health.checked(None, CHECKS, OUTLIER)
+    assert streak(health) == (1, 1, "status 502")
+
+
+def test_going_down_logs_a_warning_and_coming_back_info(
+        clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    health, _ = machine()
+    caplog.set_level(logging.INFO, "routeyard.health")
+    for _ in range(3):
+        health.request_failed("connection refused", OUTLIER)
+    health.checked(None, CHECKS, OUTLIER)
+    for _ in range(2):
+        health.checked("health check: status 500", CHECKS, OUTLIER)
+    for _ in range(2):
+        health.checked(None, CHECKS, OUTLIER)
+    logged = [(r.levelno, r.getMessage().split(" for ")[0].split(" (")[0])
+              for r in caplog.records if r.name == "routeyard.health"]
+    assert logged == [
+        (logging.WARNING, "backend http://e0:8000 ejected"),
+        (logging.INFO, "backend http://e0:8000 is back after its ejection"),
+        (logging.WARNING, "backend http://e0:8000 is now unhealthy"),
+        (logging.INFO, "backend http://e0:8000 is healthy again"),
+    ]
 
 
 # -- probe() and HealthChecker over MockTransport -----------------------------------------

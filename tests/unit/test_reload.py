@@ -11,7 +11,7 @@ import pytest
 
 from router.config import ConfigError, parse
 from router.discovery import Resolver
-from router.reload import ConfigHolder
+from router.reload import HISTORY, ConfigHolder
 from router.tenants.config import hash_key, new_key
 from tests.unit.fleet_core import eventually, registry
 
@@ -135,6 +135,27 @@ async def test_an_invalid_file_is_refused_and_the_old_snapshot_kept(routes_file:
     assert await holder.reload() is True
     assert holder.last_error is None and holder.reloads == {"ok": 1, "error": 2, "unchanged": 0}
     assert [r for r, _ in loads.seen] == [None, "error", "error", "ok"]
+
+
+async def test_a_revert_to_the_file_served_clears_the_refusal(routes_file: Path) -> None:
+    holder, _ = await loaded(routes_file)
+    served = holder.current.config.sha256
+    write(routes_file, INVALID)
+    assert await holder.reload() is False and holder.last_error is not None
+    write(routes_file, ROUTES)  # back to the last good file: nothing is refused any more
+    assert await holder.reload() is False
+    assert holder.last_error is None and holder.current.config.sha256 == served
+    results = [(result, sha, error is not None) for _, result, sha, error in holder.history]
+    assert results == [("start", served, False), ("error", served, True),
+                       ("unchanged", served, False)]
+
+
+async def test_the_reload_history_is_bounded(routes_file: Path) -> None:
+    holder, _ = await loaded(routes_file)
+    for _ in range(HISTORY + 3):
+        await holder.reload()
+    assert len(holder.history) == HISTORY
+    assert {result for _, result, _, _ in holder.history} == {"unchanged"}
 
 
 async def test_endpoints_are_kept_across_reloads(routes_file: Path) -> None:
