@@ -46,7 +46,7 @@ class Resolver:
             return self.last.get(url, [])
         found = sorted({str(info[4][0]) for info in infos})
         if found != self.last.get(url):
-            log.info("%s resolves to %s", url, ", ".join(found) or "nothing")
+            log.debug("%s resolves to %s", url, ", ".join(found) or "nothing")
         self.last[url] = found
         return found
 
