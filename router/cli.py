@@ -45,10 +45,8 @@ def version() -> str:
     """The installed distribution's version (``pip install`` wrote it)."""
     try:
         return importlib.metadata.version("routeyard")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
-        from router import __version__
-
-        return __version__
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
