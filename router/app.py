@@ -63,10 +63,10 @@ class Worker:
     draining = False
     #: The worker's background loops (watch, health checks, DNS), cancelled at stop.
     #: Not ``app.add_task``: Sanic logs a warning for each of its tasks it cancels.
-    tasks: list[asyncio.Task[None]]
+    tasks: tuple[asyncio.Task[None], ...] = ()
 
     def run(self, loop: asyncio.AbstractEventLoop, *loops: Coroutine[Any, Any, None]) -> None:
-        self.tasks = [loop.create_task(c) for c in loops]
+        self.tasks = tuple(loop.create_task(c) for c in loops)
 
     async def stop_tasks(self) -> None:
         for task in self.tasks:

@@ -33,6 +33,8 @@ TEXT_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) "
     r"(?P<worker>main|Sanic-Server-\d+-\d+) (?P<logger>[\w.]+): (?P<message>.*)$")
 WORKERS = {"main", "Sanic-Server-0-0", "Sanic-Server-1-0"}
+#: Reloads only on SIGHUP, which reaches every worker at once (no watcher to arm first).
+SIGHUP_ONLY = {"ROUTEYARD_WATCH": "false"}
 
 
 @pytest.fixture
@@ -95,7 +97,7 @@ def text_lines(router: Router) -> list[re.Match[str]]:
 
 def test_workers_log_in_one_format_and_a_reload_once(routes: Path, engines: dict) -> None:
     router = Router(routes, workers=2, log_dir=routes.parent,
-                    env={"ROUTEYARD_LOG_LEVEL": "debug"}).start()
+                    env={"ROUTEYARD_LOG_LEVEL": "debug", **SIGHUP_ONLY}).start()
     try:
         lines = text_lines(router)
         summary = next(m for m in lines if m["message"].startswith("routeyard "))
@@ -112,6 +114,7 @@ def test_workers_log_in_one_format_and_a_reload_once(routes: Path, engines: dict
         assert acks == {"Sanic-Server-0-0", "Sanic-Server-1-0"}
 
         routes.write_text("models: [\n")  # refused by each worker; logged once
+        router.signal(signal.SIGHUP)
         refused_by: dict[object, int] = {}  # worker (its loaded_at) → refused reloads
 
         def both_refused() -> bool:
@@ -129,6 +132,7 @@ def test_workers_log_in_one_format_and_a_reload_once(routes: Path, engines: dict
                                         f"      - url: {engines['generate']}\n"
                                         "    endpoints: [chat]\n")
         routes.write_text(added)
+        router.signal(signal.SIGHUP)
         wait_until(lambda: {router.fresh_admin()["sha256"] for _ in range(20)}
                    == {sha256(added)}, 10, "every worker serves the fixed file")
         reloaded = [m for m in text_lines(router) if m["level"] == "INFO"
@@ -145,9 +149,11 @@ def test_workers_log_in_one_format_and_a_reload_once(routes: Path, engines: dict
 
 def test_json_format_in_every_process_at_the_level(routes: Path) -> None:
     router = Router(routes, workers=2, log_dir=routes.parent,
-                    env={"ROUTEYARD_LOG_FORMAT": "json", "ROUTEYARD_LOG_LEVEL": "info"}).start()
+                    env={"ROUTEYARD_LOG_FORMAT": "json", "ROUTEYARD_LOG_LEVEL": "info",
+                         **SIGHUP_ONLY}).start()
     try:
         routes.write_text("models: [\n")
+        router.signal(signal.SIGHUP)
         wait_until(lambda: router.find_log(r'"message":"config reload refused'), 10,
                    "the refused edit is logged")
     finally:
@@ -165,9 +171,10 @@ def test_json_format_in_every_process_at_the_level(routes: Path) -> None:
 
 def test_warning_level_silences_info_in_every_process(routes: Path) -> None:
     router = Router(routes, workers=2, log_dir=routes.parent,
-                    env={"ROUTEYARD_LOG_LEVEL": "WARNING"}).start()
+                    env={"ROUTEYARD_LOG_LEVEL": "WARNING", **SIGHUP_ONLY}).start()
     try:
         routes.write_text("models: [\n")
+        router.signal(signal.SIGHUP)
         router.wait_for_log("ERROR Sanic-Server-0-0 routeyard.reload: config reload refused")
     finally:
         router.stop()
