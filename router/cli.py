@@ -233,13 +233,13 @@ def serve_command(settings: Settings) -> int:
     except ValueError as exc:
         print(f"routeyard: {exc}", file=sys.stderr)
         return 1
-    location = f"[{settings.host}]:{settings.port}" if ":" in settings.host else (
-        f"{settings.host}:{settings.port}")
     try:
         sock = bind(settings.host, settings.port)
     except OSError as exc:
-        print(f"routeyard: cannot listen on {location}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"routeyard: cannot listen on {_location(settings.host, settings.port)}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
         return 1
+    location = _location(settings.host, sock.getsockname()[1])
     metrics_dir = None
     try:
         _warn_unshared_limits(config, settings.workers)
@@ -271,6 +271,10 @@ def serve_command(settings: Settings) -> int:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _location(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -388,7 +392,7 @@ def demo_command(host: str, port: int, base_port: int) -> int:
         try:
             bind(*where).close()
         except OSError as exc:
-            print(f"routeyard demo: cannot listen on {where[0]}:{where[1]}: "
+            print(f"routeyard demo: cannot listen on {_location(*where)}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
             return 1
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup runs

@@ -29,7 +29,8 @@ class Settings(UpstreamSettings):
 
     config: str = "routes.yaml"
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=1, le=65535)
+    #: 0: a free port the kernel picks (``serving on`` names it).
+    port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     #: Any case; ``router.logs`` applies it in the main process and in every worker.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

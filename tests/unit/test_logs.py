@@ -109,6 +109,7 @@ def test_log_level_and_format_accept_any_case(monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize(("variable", "value", "accepted"), [
     ("ROUTEYARD_PORT", "abc", "valid integer"),
     ("ROUTEYARD_PORT", "70000", "less than or equal to 65535"),
+    ("ROUTEYARD_PORT", "-1", "greater than or equal to 0"),
     ("ROUTEYARD_WORKERS", "0", "greater than or equal to 1"),
     ("ROUTEYARD_LOG_LEVEL", "verbose", "'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'"),
     ("ROUTEYARD_LOG_FORMAT", "xml", "'text' or 'json'"),
