@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = Settings.model_fields
     serve = command("serve", "run the router")
+    serve.epilog = ("Every other setting is a ROUTEYARD_* environment variable "
+                    "(docs/configuration.md); a value it does not accept exits with status 2.")
     serve.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG, default "
                        f"{defaults['config'].default})")
     serve.add_argument("--host", help="listen address (env ROUTEYARD_HOST, default "
