@@ -12,16 +12,18 @@ before any body is read.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sanic import DefaultSanic, HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 
-from router import admin
+from router import admin, logs
 from router.catalog import BY_RESPONSE_ID, PROXIED, error_style
 from router.config import load_file
 from router.errors import (
@@ -60,10 +62,23 @@ class Worker:
     sinks: list[Sink]
     checker: HealthChecker
     draining = False
+    #: The worker's background loops (watch, health checks, DNS), cancelled at stop.
+    #: Not ``app.add_task``: Sanic logs a warning for each of its tasks it cancels.
+    tasks: tuple[asyncio.Task[None], ...] = ()
+
+    def run(self, loop: asyncio.AbstractEventLoop, *loops: Coroutine[Any, Any, None]) -> None:
+        self.tasks = tuple(loop.create_task(c) for c in loops)
+
+    async def stop_tasks(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def create_app(settings: Settings | None = None) -> DefaultSanic:
     settings = settings or Settings()
+    # Each worker is a fresh process: its logging is set up here, before anything logs.
+    logs.configure(settings.log_level, settings.log_format)
     app = Sanic("routeyard", configure_logging=False)
     app.config.update(
         REQUEST_MAX_SIZE=settings.max_request_size,
@@ -115,6 +130,9 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
                     service.reconfigure(snap.config.batch)
 
             holder.listeners.append(batch_reloaded)
+        # One worker of several logs reloads and DNS changes, at INFO and ERROR; the others
+        # at DEBUG (each reloads the same file: one line per edit, not one per worker).
+        holder.reports = logs.leads(logs.worker_name())
         await holder.load(config)
         if metrics is not None:
             metrics.start(app.loop, lambda: (
@@ -126,14 +144,12 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
         worker.checker = HealthChecker(holder.registry.board, holder.registry.by_key.values,
                                        holder.health_settings)
         holder.install_sighup(app.loop)
-        if settings.watch:
-            app.add_task(holder.watch(), name="routeyard.watch")
         if batch is not None:
             from router.dispatch import RouterDispatcher
 
             await batch.start(RouterDispatcher(proxy))
-        app.add_task(worker.checker.run(), name="routeyard.health")
-        app.add_task(holder.refresh_dns(), name="routeyard.dns")
+        worker.run(app.loop, worker.checker.run(), holder.refresh_dns(),
+                   *([holder.watch()] if settings.watch else []))
 
     @app.before_server_stop
     async def drain(app: DefaultSanic) -> None:
@@ -141,6 +157,7 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
 
     @app.after_server_stop
     async def stop(app: DefaultSanic) -> None:
+        await worker.stop_tasks()
         if batch is not None:
             await batch.close(grace=settings.graceful_shutdown)
         await proxy.limiter.close()

@@ -1,22 +1,36 @@
-"""The ``routeyard`` command: serve, check, fake-engine, demo, compat."""
+"""The ``routeyard`` command: serve, check, demo, fake-engine, compat, hash-key, batch-worker."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.metadata
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Any
 
+from pydantic import ValidationError
+
+from router import logs
 from router.config import ConfigError, RoutesConfig, load_file
-from router.settings import Settings
+from router.settings import Settings, describe
+
+log = logging.getLogger("routeyard")
+#: Sanic's listen backlog (``bind_socket``'s default is the same).
+BACKLOG = 100
+#: ``serve``'s flags, by the setting each overrides.
+SERVE_FLAGS = {"config": "--config", "host": "--host", "port": "--port", "workers": "--workers"}
 
 DEMO_ENGINES = (
     # (public model name, fake-engine task, port offset, endpoint groups)
@@ -27,56 +41,83 @@ DEMO_ENGINES = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["hash-key"]:
-        from router.tenants.cli import hash_key_command
+def version() -> str:
+    """The installed distribution's version (``pip install`` wrote it)."""
+    try:
+        return importlib.metadata.version("routeyard")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
-        return hash_key_command(argv[1:])
-    parser = argparse.ArgumentParser(prog="routeyard", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("hash-key", help="print a new API key and the hash for routes.yaml")
-    worker = sub.add_parser("batch-worker",
-                            help="run batch workers only (the batch: block of the routes file)")
-    worker.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG)")
 
-    serve = sub.add_parser("serve", help="run the router")
-    serve.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG)")
-    serve.add_argument("--host", help="listen address (env ROUTEYARD_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (env ROUTEYARD_PORT, default 8080)")
-    serve.add_argument("--workers", type=int, help="worker processes (env ROUTEYARD_WORKERS)")
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: …)`` to an option's help, except where there is none to show (the
+    help names the variable and its default itself)."""
 
-    check = sub.add_parser("check", help="validate a routes file without serving")
-    check.add_argument("file")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, [], argparse.SUPPRESS) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="routeyard", formatter_class=_Help,
+        description="A YAML-driven router for OpenAI-compatible LLM serving (vLLM).")
+    parser.add_argument("--version", action="version", version=f"routeyard {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+
+    defaults = Settings.model_fields
+    serve = command("serve", "run the router")
+    serve.epilog = ("Every other setting is a ROUTEYARD_* environment variable "
+                    "(docs/configuration.md); a value it does not accept exits with status 2.")
+    serve.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG, default "
+                       f"{defaults['config'].default})")
+    serve.add_argument("--host", help="listen address (env ROUTEYARD_HOST, default "
+                       f"{defaults['host'].default})")
+    serve.add_argument("--port", type=int, help="listen port (env ROUTEYARD_PORT, default "
+                       f"{defaults['port'].default})")
+    serve.add_argument("--workers", type=int, help="worker processes (env ROUTEYARD_WORKERS, "
+                       f"default {defaults['workers'].default})")
+
+    check = command("check", "validate a routes file without serving; one line per model")
+    check.add_argument("file", help="the routes file (routes.yaml)")
     check.add_argument("--no-secrets", action="store_true",
                        help="validate the file alone: do not read the key files and "
                             "environment variables it names (auth:, api_key_env), for a "
                             "file whose secrets exist only where it is deployed")
 
-    fake = sub.add_parser("fake-engine", help="run a fake vLLM engine for tests and demos")
-    fake.add_argument("--model", action="append", required=True, help="served model name")
-    fake.add_argument("--task", required=True,
+    demo = command("demo", "fake engines plus the router on a built-in config, until Ctrl-C")
+    demo.add_argument("--host", default="127.0.0.1", help="the router's listen address")
+    demo.add_argument("--port", type=int, default=8080, help="the router's listen port")
+    demo.add_argument("--engine-base-port", type=int, default=8100,
+                      help="the fake engines listen on the next four ports after this one")
+
+    fake = command("fake-engine", "run a fake vLLM engine for tests and demos")
+    fake.add_argument("--model", action="append", required=True,
+                      help="served model name (repeatable; at least one)")
+    fake.add_argument("--task", required=True, help="what the engine serves",
                       choices=["generate", "embed", "score", "transcription"])
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, required=True)
-    fake.add_argument("--latency-ms", type=float, default=0.0)
-    fake.add_argument("--token-delay-ms", type=float, default=0.0)
-    fake.add_argument("--tokens", type=int, default=8)
+    fake.add_argument("--host", default="127.0.0.1", help="listen address")
+    fake.add_argument("--port", type=int, required=True, help="listen port")
+    fake.add_argument("--latency-ms", type=float, default=0.0,
+                      help="delay before each response's headers, in milliseconds")
+    fake.add_argument("--token-delay-ms", type=float, default=0.0,
+                      help="delay between streamed tokens, in milliseconds")
+    fake.add_argument("--tokens", type=int, default=8, help="tokens a generation produces")
 
-    demo = sub.add_parser("demo", help="fake engines plus the router on a built-in config")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--engine-base-port", type=int, default=8100)
-
-    compat = sub.add_parser(
-        "compat", help="send the same requests to an engine and through a router; diff them")
+    compat = command("compat", "send the same requests to an engine and through a router; "
+                     "diff them")
     compat.add_argument("--engine", required=True, help="engine base URL (vLLM)")
     compat.add_argument("--router", required=True, help="router (or gateway) base URL")
     compat.add_argument("--model", required=True, help="the model's name at the router")
     compat.add_argument("--engine-model", help="the engine's served name (default: --model)")
-    compat.add_argument("--task", required=True,
+    compat.add_argument("--task", required=True, help="what the engine serves",
                         choices=["generate", "embed", "score", "transcription"])
-    compat.add_argument("--groups", help="only these endpoint groups, comma-separated")
+    compat.add_argument("--groups", help="only these endpoint groups, comma-separated "
+                        "(default: every group of the task)")
     compat.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
     compat.add_argument("--engine-header", action="append", default=[], metavar="'NAME: VALUE'",
                         help="extra header for the engine (repeatable), e.g. authorization")
@@ -84,17 +125,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="extra header for the router (repeatable)")
     compat.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
 
-    args = parser.parse_args(argv)
-    if args.command == "batch-worker":
-        settings = Settings(**({"config": args.config} if args.config else {}))
-        _setup_logging(settings.log_level)
+    command("hash-key", "print a new API key and the hash for routes.yaml "
+            "(`routeyard hash-key --help` for its options)")
+    worker = command("batch-worker", "run batch workers only (the batch: block of the routes "
+                     "file), until SIGTERM")
+    worker.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG, default "
+                        f"{defaults['config'].default})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hash-key"]:
+        from router.tenants.cli import hash_key_command
+
+        return hash_key_command(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command in ("serve", "batch-worker"):
+        given = {k: v for k in SERVE_FLAGS if (v := getattr(args, k, None)) is not None}
+        try:
+            settings = Settings(**given)
+        except ValidationError as exc:
+            print(f"routeyard: {describe(exc, {k: SERVE_FLAGS[k] for k in given})}",
+                  file=sys.stderr)
+            return 2
+        if args.command == "serve":
+            return serve_command(settings)
+        logs.configure(settings.log_level, settings.log_format)
         return asyncio.run(batch_worker(settings.config))
     if args.command == "compat":
         return compat_command(args)
-    if args.command == "serve":
-        overrides = {k: v for k in ("config", "host", "port", "workers")
-                     if (v := getattr(args, k)) is not None}
-        return serve_command(Settings(**overrides))
     if args.command == "check":
         return check_command(args.file, secrets=not args.no_secrets)
     if args.command == "fake-engine":
@@ -160,12 +220,6 @@ def compat_command(args: argparse.Namespace) -> int:
         return 2
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
 def serve_command(settings: Settings) -> int:
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
@@ -174,7 +228,7 @@ def serve_command(settings: Settings) -> int:
     from router.app import create_app
     from router.listener import Listener
 
-    _setup_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     try:
         config = load_file(settings.config)
     except ConfigError as exc:
@@ -185,24 +239,33 @@ def serve_command(settings: Settings) -> int:
     except ValueError as exc:
         print(f"routeyard: {exc}", file=sys.stderr)
         return 1
-    metrics_dir = _metrics_dir(settings)
-    _warn_unshared_limits(config, settings.workers)
-    logging.getLogger("routeyard").info(
-        "serving %d models from %s on %s:%d with %d worker(s)",
-        len(config.models), settings.config, settings.host, settings.port, settings.workers,
-    )
-    loader = AppLoader(factory=partial(create_app, settings))
-    app = loader.load()
-    app.prepare(
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        single_process=settings.workers == 1,
-        protocol=Listener,  # strict framing, deadlines, the connection limit, auth first
-        access_log=False,
-        motd=False,
-    )
     try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"routeyard: cannot listen on {_location(settings.host, settings.port)}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    location = _location(settings.host, sock.getsockname()[1])
+    metrics_dir = None
+    try:
+        _warn_unshared_limits(config, settings.workers)
+        message, fields = start_summary(config, settings, os.environ)
+        log.info("%s", message, extra=fields)
+        metrics_dir = _metrics_dir(settings)
+        loader = AppLoader(factory=partial(create_app, settings))
+        app = loader.load()
+        app.prepare(
+            host=settings.host,
+            port=settings.port,
+            sock=sock,  # bound above: a busy port is one line, and "serving" follows the bind
+            backlog=BACKLOG,
+            workers=settings.workers,
+            single_process=settings.workers == 1,
+            protocol=Listener,  # strict framing, deadlines, the connection limit, auth first
+            access_log=False,
+            motd=False,
+        )
+        log.info("serving on http://%s with %d worker(s)", location, settings.workers)
         if settings.workers == 1:
             # One process that owns the listening socket: SIGTERM closes it at once, so
             # new connections are refused while streams in flight finish.
@@ -210,9 +273,51 @@ def serve_command(settings: Settings) -> int:
         else:
             Sanic.serve(primary=app, app_loader=loader)
     finally:
+        sock.close()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _location(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound and listening (``OSError`` when it cannot be)."""
+    from sanic.server.socket import bind_socket
+
+    return bind_socket(host, port, backlog=BACKLOG)
+
+
+def start_summary(config: RoutesConfig, settings: Settings,
+                  env: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """The start line: what this router runs with (no secret: kinds, not URLs), and the
+    same as fields for ``ROUTEYARD_LOG_FORMAT=json``."""
+    from router.tracing import exporter_names, tracing_wanted
+
+    backends = sum(len(m.backends) for m in config.models.values())
+    auth = f"on ({len(config.auth.keys)} keys)" if config.auth is not None else "off"
+    batch = "off"
+    if config.batch is not None:
+        database = config.batch.database_url.split(":", 1)[0].split("+", 1)[0]
+        url = config.batch.storage.url
+        storage = url.split("://", 1)[0] if "://" in url and not url.startswith("file:") else (
+            "local")
+        batch = f"on (database {database}, storage {storage})"
+    tracing = ",".join(exporter_names(env)) or "none" if tracing_wanted(
+        env, settings.tracing) else "off"
+    fields: dict[str, Any] = {
+        "version": version(), "models": len(config.models), "backends": backends,
+        "auth": auth, "batch": batch, "tracing": tracing,
+        "metrics": "on" if settings.metrics else "off",
+        "access_log": "on" if settings.access_log else "off", "workers": settings.workers,
+    }
+    message = (f"routeyard {fields['version']}: {fields['models']} models, {backends} backends "
+               f"from {settings.config}; auth {auth}; batch {batch}; tracing {tracing}; "
+               f"metrics {fields['metrics']}; access log {fields['access_log']}; "
+               f"{settings.workers} worker(s)")
+    return message, fields
 
 
 def _warn_unshared_limits(config: RoutesConfig, workers: int) -> None:
@@ -224,7 +329,7 @@ def _warn_unshared_limits(config: RoutesConfig, workers: int) -> None:
                if k.limits.rpm or k.limits.tpm or any(lim.rpm or lim.tpm
                                                       for _pattern, lim in k.model_limits)]
     if limited:
-        logging.getLogger("routeyard").warning(
+        log.warning(
             "rate limits of %d key(s) (%s) are kept per worker: with %d workers a key may "
             "get up to %dx its rpm/tpm; set ROUTEYARD_REDIS_URL to share them "
             "(docs/security.md)", len(limited), ", ".join(limited[:5]), workers, workers)
@@ -247,7 +352,7 @@ def _metrics_dir(settings: Settings) -> str | None:
         return None
     path = tempfile.mkdtemp(prefix="routeyard-metrics-")
     os.environ[MULTIPROC_ENV] = path
-    logging.getLogger("routeyard").info(
+    log.info(
         "metrics: %d workers share %s=%s (removed at exit)", settings.workers, MULTIPROC_ENV,
         path)
     return path
@@ -282,9 +387,28 @@ def demo_routes(base_port: int) -> str:
 
 
 def demo_command(host: str, port: int, base_port: int) -> int:
-    """Start four fake engines and the router in front of them, until Ctrl-C."""
-    engines = []
+    """Start four fake engines and the router in front of them, until Ctrl-C (or SIGTERM);
+    the temporary routes file is removed at exit."""
     try:
+        settings = Settings(host=host, port=port, workers=1)
+    except ValidationError as exc:
+        print(f"routeyard demo: {describe(exc, {'host': '--host', 'port': '--port'})}",
+              file=sys.stderr)
+        return 2
+    ports = [(host, port)] + [("127.0.0.1", base_port + e[2]) for e in DEMO_ENGINES]
+    for where in ports:
+        try:
+            bind(*where).close()
+        except OSError as exc:
+            print(f"routeyard demo: cannot listen on {_location(*where)}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 1
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup runs
+    engines = []
+    fd, routes = tempfile.mkstemp(prefix="routeyard-demo-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(demo_routes(base_port))
         for name, task, offset, _groups in DEMO_ENGINES:
             engines.append(subprocess.Popen([
                 sys.executable, "-m", "router.cli", "fake-engine", "--model", name,
@@ -293,21 +417,22 @@ def demo_command(host: str, port: int, base_port: int) -> int:
             ]))
         for _name, _task, offset, _groups in DEMO_ENGINES:
             _wait_healthy(f"http://127.0.0.1:{base_port + offset}/health", 30)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(demo_routes(base_port))
-        print(f"routeyard demo: router on http://{host}:{port}/v1 (routes file {f.name})\n"
+        print(f"routeyard demo: router on http://{host}:{port}/v1 (routes file {routes})\n"
               f"  models: {', '.join([e[0] for e in DEMO_ENGINES] + ['demo-score'])}\n"
               f"  try: curl http://{host}:{port}/v1/chat/completions -H 'content-type: "
               f"application/json' -d '{{\"model\":\"demo-chat\",\"messages\":"
               f"[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'", flush=True)
-        return serve_command(Settings(config=f.name, host=host, port=port, workers=1))
+        return serve_command(settings.model_copy(update={"config": routes}))
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for proc in engines:
             proc.terminate()
         for proc in engines:
             proc.wait(10)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(routes)
 
 
 def _wait_healthy(url: str, timeout: float) -> None:

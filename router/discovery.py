@@ -51,7 +51,7 @@ class Resolver:
         self.errors.pop(url, None)
         found = sorted({str(info[4][0]) for info in infos})
         if found != self.last.get(url):
-            log.info("%s resolves to %s", url, ", ".join(found) or "nothing")
+            log.debug("%s resolves to %s", url, ", ".join(found) or "nothing")
         self.last[url] = found
         return found
 

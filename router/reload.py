@@ -29,7 +29,7 @@ from watchfiles import awatch
 from router import snapshot
 from router.config import ConfigError, HealthChecks, OutlierDetection, RoutesConfig, load_file
 from router.discovery import Resolver, apply_limits
-from router.endpoint import EndpointRegistry
+from router.endpoint import EndpointRegistry, Member
 from router.snapshot import Snapshot
 
 log = logging.getLogger("routeyard.reload")
@@ -96,6 +96,9 @@ class ConfigHolder:
         #: How a reload waits for the files to stop changing (see ``settled``).
         self.settle = (SETTLE_STEP, SETTLE_POLLS, SETTLE_LIMIT)
         self.current: Snapshot
+        #: Whether this process logs reload outcomes and DNS membership changes at INFO and
+        #: ERROR; with several workers only one does, the others at DEBUG (``router.app``).
+        self.reports = True
         #: Told every load: (result, snapshot now served); result is None for the first
         #: load, else "ok", "error" or "unchanged" (metrics and the batch service listen).
         self.listeners: list[Callable[[str | None, Snapshot], None]] = []
@@ -131,8 +134,9 @@ class ConfigHolder:
             except ConfigError as exc:
                 self.reloads["error"] += 1
                 self.last_error = str(exc)
-                log.error("config reload refused, still serving sha256 %.12s: %s",
-                          self.current.config.sha256, exc)
+                log.log(logging.ERROR if self.reports else logging.DEBUG,
+                        "config reload refused, still serving sha256 %.12s: %s",
+                        self.current.config.sha256, exc)
                 self._loaded("error")
                 return False
             fingerprint = (config.sha256, config.auth.fingerprint if config.auth else None)
@@ -141,12 +145,14 @@ class ConfigHolder:
                 self.last_error = None  # back to the file served: nothing is refused now
                 self._loaded("unchanged")
                 return False
+            previous = self.current.config
             self.current = await snapshot.build(config, self.registry, self.resolver)
             self.reloads["ok"] += 1
             self.last_error = None
             self._loaded("ok")
-            log.info("config reloaded: sha256 %.12s, %d models",
-                     config.sha256, len(config.models))
+            log.log(logging.INFO if self.reports else logging.DEBUG,
+                    "config reloaded: sha256 %.12s, %d models; %s",
+                    config.sha256, len(config.models), changes(previous, config))
             return True
 
     def _files(self) -> list[Path]:
@@ -191,9 +197,20 @@ class ConfigHolder:
                     if any(b.discovery == "dns" for b in config.backends):
                         members = await self.resolver.members(config, self.registry)
                         if members != list(model.cluster.members):
+                            self._log_membership(model.name, model.cluster.members, members)
                             model.cluster.set_members(members)
                 apply_limits(m.cluster for m in current.models.values())
                 self.registry.retain(current.endpoint_keys())
+
+    def _log_membership(self, model: str, old: Iterable[Member], new: Iterable[Member]) -> None:
+        before = [m.endpoint.key for m in old]
+        after = [m.endpoint.key for m in new]
+        added = [k for k in after if k not in before]
+        removed = [k for k in before if k not in after]
+        if added or removed:
+            log.log(logging.INFO if self.reports else logging.DEBUG,
+                    "model %s: DNS members now %d (added: %s; removed: %s)", model, len(after),
+                    ", ".join(added) or "none", ", ".join(removed) or "none")
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
         def on_sighup() -> None:
@@ -206,3 +223,22 @@ class ConfigHolder:
 
     def close(self) -> None:
         self.registry.close()
+
+
+def changes(old: RoutesConfig, new: RoutesConfig) -> str:
+    """What a reload changed, for its log line: models added, removed and changed (by
+    name), and the other top-level blocks that differ."""
+    added = sorted(new.models.keys() - old.models.keys())
+    removed = sorted(old.models.keys() - new.models.keys())
+    changed = sorted(n for n in new.models.keys() & old.models.keys()
+                     if new.models[n] != old.models[n])
+    parts = [f"{what}: {', '.join(names)}" for what, names in
+             (("added", added), ("removed", removed), ("changed", changed)) if names]
+    others = [name for name in ("health_checks", "outlier_detection", "dns_refresh", "batch")
+              if getattr(new, name) != getattr(old, name)]
+    if (old.auth.fingerprint if old.auth else None) != (
+            new.auth.fingerprint if new.auth else None):
+        others.insert(0, "auth")
+    if others:
+        parts.append(f"also changed: {', '.join(others)}")
+    return "; ".join(parts) or "no model changed"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "ROUTEYARD_"
 
 
 class UpstreamSettings(BaseSettings):
@@ -25,9 +29,13 @@ class Settings(UpstreamSettings):
 
     config: str = "routes.yaml"
     host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    log_level: str = "INFO"
+    #: 0: a free port the kernel picks (``serving on`` names it).
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    #: Any case; ``router.logs`` applies it in the main process and in every worker.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    #: ``text`` lines or one JSON object per line (``router.logs``).
+    log_format: Literal["text", "json"] = "text"
     #: Hard cap on any request body, every route alike (``/v1/files`` included), before
     #: the per-model ``max_body_size``; a declared length over it is refused unread.
     max_request_size: int = 256 * 1024 * 1024
@@ -71,3 +79,22 @@ class Settings(UpstreamSettings):
     #: Seconds a request waits for a free one of those connections; then 503
     #: ``rate_limiter_busy`` with ``Retry-After`` (never a fall-back to per-process limits).
     redis_pool_timeout: float = Field(default=1.0, gt=0)
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
+
+def describe(error: ValidationError, flags: dict[str, str] | None = None) -> str:
+    """One line naming each refused setting (its variable, and its flag when one was
+    given) with its value and what is accepted: what ``routeyard`` prints for it."""
+    flags = flags or {}
+    parts = []
+    for item in error.errors(include_url=False):
+        field = str(item["loc"][0]) if item["loc"] else ""
+        given = (f"{flags[field]} {item['input']}" if field in flags
+                 else f"{PREFIX}{field.upper()}={item['input']!r}")
+        parts.append(f"{given}: {item['msg']}")
+    return "; ".join(parts)

@@ -6,9 +6,10 @@ routeyard on the rendered YAML: probes, hot-reloadable routes volume, security c
 replicas, graceful termination, that every routes.yaml validates with routeyard's own
 loader, and that routes, vLLM examples and gateway routes agree with each other.
 
-Outside CI (``CI`` is not ``true``) the module is skipped when validate.sh's tools are not
-installed yet (``bash deploy/kubernetes/validate.sh`` installs them); in CI validate.sh
-installs whatever is missing and any failure fails.
+The tests never install anything: they run validate.sh with ``--no-install``. Outside CI
+(``CI`` is not ``true``) the module is skipped when its tools are not installed yet
+(``bash deploy/kubernetes/validate.sh`` installs them); in CI a missing tool fails, and
+``.ci/run`` runs validate.sh, which installs what is missing, before the test command.
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ _yaml = YAML(typ="safe")
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("rendered")
-    args = ["bash", str(VALIDATE), "--out", str(out)]
-    if not IN_CI:
-        args.append("--no-install")
+    args = ["bash", str(VALIDATE), "--out", str(out), "--no-install"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900,
                           stdin=subprocess.DEVNULL)
-    if proc.returncode == 3 and not IN_CI:
-        pytest.skip("validate.sh's tools are not installed; run `bash deploy/kubernetes/"
-                    "validate.sh` once (CI installs them)")
+    if proc.returncode == 3:
+        missing = "validate.sh's tools are not installed; run `bash deploy/kubernetes/" \
+                  "validate.sh` once (.ci/run does, before the tests)"
+        if IN_CI:
+            pytest.fail(f"{missing}: required under CI=true\n{proc.stderr}")
+        pytest.skip(missing)
     assert proc.returncode == 0, f"validate.sh failed:\n{proc.stdout}\n{proc.stderr}"
     assert "; 0 error(s)" in proc.stdout.splitlines()[-1], proc.stdout
     return {p.stem: [d for d in _yaml.load_all(p.read_text()) if d] for p in out.glob("*.yaml")}

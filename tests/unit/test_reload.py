@@ -4,6 +4,7 @@ DNS refreshes through a fake resolver."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import textwrap
 from pathlib import Path
 
@@ -324,6 +325,80 @@ async def test_refresh_dns_leaves_unchanged_members_alone(tmp_path: Path) -> Non
     try:
         await eventually(lambda: len(resolver.asked) >= 3, what="two refreshes")
         assert cluster.balancer is balancer and cluster.members is members
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# -- what reloads and DNS refreshes log ---------------------------------------------------
+
+def reload_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "routeyard.reload"]
+
+
+async def test_a_reload_logs_what_changed(routes_file: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="routeyard.reload")
+    holder, _loads = await loaded(routes_file)
+    write(routes_file, CHANGED)
+    assert await holder.reload() is True
+    sha = holder.current.config.sha256
+    assert reload_lines(caplog) == [
+        ("INFO", f"config reloaded: sha256 {sha[:12]}, 2 models; added: n; changed: m")]
+    caplog.clear()
+    write(routes_file, CHANGED.replace("interval: 2s", "interval: 3s")
+          .replace("  n:\n    backends: [{url: \"http://a:8000\"}]\n", ""))
+    assert await holder.reload() is True
+    [(level, message)] = reload_lines(caplog)
+    assert level == "INFO"
+    assert message.endswith("1 models; removed: n; also changed: health_checks")
+
+
+async def test_a_refused_edit_is_one_error_line(routes_file: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="routeyard.reload")
+    holder, _loads = await loaded(routes_file)
+    sha = holder.current.config.sha256
+    write(routes_file, INVALID)
+    assert await holder.reload() is False
+    [(level, message)] = reload_lines(caplog)
+    assert level == "ERROR"
+    assert message.startswith(f"config reload refused, still serving sha256 {sha[:12]}: "
+                              f"{routes_file}:5:9: models.m.backends.0.weight")
+
+
+async def test_a_worker_that_does_not_report_logs_reloads_at_debug(
+        routes_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="routeyard.reload")
+    holder, _loads = await loaded(routes_file)
+    holder.reports = False
+    write(routes_file, INVALID)
+    assert await holder.reload() is False
+    write(routes_file, CHANGED)
+    assert await holder.reload() is True
+    assert [level for level, _ in reload_lines(caplog)] == ["DEBUG", "DEBUG"]
+
+
+async def test_a_dns_membership_change_is_logged_at_info(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="routeyard.reload")
+    path = tmp_path / "routes.yaml"
+    path.write_text(DNS_ROUTES)
+    holder = ConfigHolder(path, registry())
+    url = "http://vllm.ns.svc:8000"
+    resolver = holder.resolver = FakeResolver({url: ["10.0.0.1", "10.0.0.2"]})
+    await holder.load()
+    asked = len(resolver.asked)
+    task = asyncio.get_running_loop().create_task(holder.refresh_dns())
+    try:
+        await eventually(lambda: len(resolver.asked) > asked + 1, what="a refresh")
+        assert reload_lines(caplog) == []  # the same addresses: nothing to say
+        resolver.answers[url] = ["10.0.0.2", "10.0.0.3"]
+        await eventually(lambda: reload_lines(caplog), what="a membership line")
+        assert reload_lines(caplog) == [(
+            "INFO", f"model m: DNS members now 3 (added: {url}@10.0.0.3; "
+                    f"removed: {url}@10.0.0.1)")]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
