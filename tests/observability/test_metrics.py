@@ -116,16 +116,19 @@ def test_counters_move_by_exactly_the_requests_sent_across_two_workers(
     def delta(name: str, **extra: str) -> float:
         return _value(after, name, **extra) - _value(before, name, **extra)
 
-    assert delta("routeyard_requests_total", **labels, code="200") == n_ok
-    assert delta("routeyard_requests_total", model="", group="chat", backend="",
+    online = {"key": "", "origin": "online"}  # no auth: no key
+    assert delta("routeyard_requests_total", **labels, **online, code="200") == n_ok
+    assert delta("routeyard_requests_total", model="", group="chat", backend="", **online,
                  code="404") == n_missing
     assert delta("routeyard_request_duration_seconds_count", **labels) == n_ok
     assert delta("routeyard_request_duration_seconds_bucket", **labels, le="+Inf") == n_ok
     assert delta("routeyard_time_to_first_byte_seconds_count", **labels) == n_ok
     assert delta("routeyard_router_overhead_seconds_count", model="obs-chat",
                  group="chat") == n_ok
-    assert delta("routeyard_tokens_total", model="obs-chat", type="input") == tokens_in
-    assert delta("routeyard_tokens_total", model="obs-chat", type="output") == tokens_out
+    assert delta("routeyard_tokens_total", model="obs-chat", **online,
+                 type="input") == tokens_in
+    assert delta("routeyard_tokens_total", model="obs-chat", **online,
+                 type="output") == tokens_out
     assert _value(after, "routeyard_backend_in_flight_requests", backend=backend) == 0
     assert _value(after, "routeyard_backend_up", backend=backend) == 1
 
