@@ -229,3 +229,26 @@ def test_switches_off_metrics_and_access_log(engines: dict[str, str], launch_rou
     assert r.status_code == 200
     assert router.stop() == 0  # a clean shutdown: a worker writes out every line it holds
     assert router.access_lines() == []
+
+
+def test_the_docs_metric_table_lists_every_metric_with_its_type_and_labels() -> None:
+    """docs/observability.md's table mirrors the registry: names, types and labels."""
+    import re
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from router.metrics import Metrics
+
+    doc = (Path(__file__).parents[2] / "docs" / "observability.md").read_text()
+    documented = {}
+    for name, kind, labels in re.findall(r"^\| `(routeyard_\w+)` \| (\w+) \|([^|]*)\|", doc,
+                                         re.MULTILINE):
+        top_level = re.sub(r"\([^)]*\)", "", labels)  # `type` (`input`, `output`): values
+        documented[name] = (kind, tuple(re.findall(r"`(\w+)`", top_level)))
+    exported = {}
+    for metric in vars(Metrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            kind = metric._type
+            name = metric._name + ("_total" if kind == "counter" else "")
+            exported[name] = (kind, tuple(metric._labelnames))
+    assert documented == exported
