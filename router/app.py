@@ -247,8 +247,11 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
     admin_routes = {f"{app.name}.{name}" for name in ("admin_backends", "admin_config")}
     metrics_route = f"{app.name}.metrics"
     # The endpoint group of each catalog route, for the records of refused keys.
-    app.ctx.route_groups = {f"{app.name}.{_name(path)}": route.group
-                            for route in PROXIED for path in route.paths}
+    app.ctx.route_groups = {
+        **{f"{app.name}.{_name(path)}": route.group
+           for route in PROXIED for path in route.paths},
+        **{f"{app.name}.{_name(path.replace('<', '').replace('>', ''))}": "responses"
+           for route in BY_RESPONSE_ID for path in route.sanic_paths}}
 
     def gate(request: Request) -> None:
         """Before a body is read (``router.listener``): with ``auth:``, the route's key.

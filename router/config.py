@@ -345,7 +345,7 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -
             raise ConfigError(source, f"auth: {exc}", *_position(tree, ("auth",))) from None
     batch = routes.batch
     if batch is not None:
-        batch = batch_paths_resolved(batch, Path(source).parent)
+        batch = batch.relative_to(Path(source).parent)
     if batch is not None and os.environ.get("ROUTEYARD_BATCH_DATABASE_URL"):
         # Keeps a database password out of routes.yaml (a Secret as an env var).
         url = os.environ["ROUTEYARD_BATCH_DATABASE_URL"]
@@ -360,27 +360,6 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str) -
         sha256=sha256,
         source=source,
     )
-
-
-def batch_paths_resolved(batch: BatchConfig, base: Path) -> BatchConfig:
-    """``batch:`` with its relative paths (a SQLite database file, a local storage
-    directory) made relative to ``base``, the routes file's directory, like ``key_file``."""
-    from sqlalchemy.engine import make_url  # only for a batch: block (a heavy import)
-
-    base = base.absolute()
-    update: dict[str, Any] = {}
-    url = make_url(batch.database_url)
-    database = url.database
-    if (url.get_backend_name() == "sqlite" and database and database != ":memory:"
-            and not database.startswith("file:") and not Path(database).is_absolute()):
-        update["database_url"] = url.set(database=str(base / database)).render_as_string(
-            hide_password=False)
-    storage = batch.storage.url
-    scheme = urlsplit(storage).scheme
-    path = storage.removeprefix("file://") if scheme == "file" else storage
-    if scheme in ("", "file") and not Path(path).expanduser().is_absolute():
-        update["storage"] = batch.storage.model_copy(update={"url": str(base / path)})
-    return batch.model_copy(update=update) if update else batch
 
 
 def _merge(default: _M, override: _M | None) -> _M:

@@ -285,6 +285,7 @@ class Metrics:
         self._batch: BatchSource | None = None
         self._line_counters: tuple[Any, ...] = ()
         self._batch_statuses: dict[str, Any] = {}
+        self._batch_failing = False
         self._backends: dict[str, tuple[Any, Any]] = {}
         self._queues: dict[str, Any] = {}
         self._sha: str | None = None
@@ -403,12 +404,18 @@ class Metrics:
 
     async def _sample_batches(self, source: BatchSource) -> None:
         """The database's batch gauges; on a slow or failing database the last figures
-        stay (logged)."""
+        stay (logged once per outage)."""
         try:
             counts, oldest = await asyncio.wait_for(source.gauges(), BATCH_QUERY_TIMEOUT)
-        except Exception:  # a scrape must answer even when the batch database does not
-            log.warning("batch metrics: the batch database did not answer", exc_info=True)
+        except Exception as exc:  # a scrape must answer even when the batch database does not
+            if not self._batch_failing:  # once per outage, not once per scrape
+                log.warning("batch metrics: the batch database did not answer (%s); the "
+                            "batch gauges keep their last figures", repr(exc))
+            self._batch_failing = True
             return
+        if self._batch_failing:
+            self._batch_failing = False
+            log.info("batch metrics: the batch database answers again")
         for status, gauge in self._batch_statuses.items():
             gauge.set(counts.get(status, 0))
         self.batch_oldest_queued_age.set(oldest)

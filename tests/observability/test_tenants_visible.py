@@ -85,9 +85,12 @@ def test_refused_keys_are_counted_and_access_logged(keyed: Router) -> None:
         "admin": keyed.client.get("/admin/config", headers={
             "authorization": f"Bearer {KEY_A}", "x-request-id": _id()}),
         "models": keyed.client.get("/v1/models", headers={"x-request-id": _id()}),
+        # a stored Responses answer: a catalog route without a model
+        "stored": keyed.client.get("/v1/responses/resp_abc", headers={"x-request-id": _id()}),
     }
     statuses = {name: r.status_code for name, r in refusals.items()}
-    assert statuses == {"gate": 401, "handler": 401, "admin": 403, "models": 401}
+    assert statuses == {"gate": 401, "handler": 401, "admin": 403, "models": 401,
+                        "stored": 401}
     for name, r in refusals.items():
         line = keyed.access_line(r.headers["x-request-id"])
         assert line["status"] == r.status_code, name
@@ -103,6 +106,7 @@ def test_refused_keys_are_counted_and_access_logged(keyed: Router) -> None:
     assert delta(group="chat", key="", code="401") == 2
     assert delta(group="", key="team-a", code="403") == 1
     assert delta(group="", key="", code="401") == 1
+    assert delta(group="responses", key="", code="401") == 1
 
 
 def test_metrics_need_the_admin_key_unless_public(keyed: Router,

@@ -137,11 +137,20 @@ async def test_batch_metrics_come_from_the_batch_service(caplog: pytest.LogCaptu
 
     batches.broken = True  # the scrape still answers, with the last figures
     batches.lines.in_flight = 0
-    found = scraped(await metrics.render())
-    assert value(found, "routeyard_batches", status="completed") == 7
-    assert value(found, "routeyard_batch_lines_in_flight") == 0
-    assert value(found, "routeyard_batch_lines_total", outcome="completed") == 5
-    assert "the batch database did not answer" in caplog.text
+    with caplog.at_level("INFO", logger="routeyard.metrics"):
+        found = scraped(await metrics.render())
+        scraped(await metrics.render())
+        assert value(found, "routeyard_batches", status="completed") == 7
+        assert value(found, "routeyard_batch_lines_in_flight") == 0
+        assert value(found, "routeyard_batch_lines_total", outcome="completed") == 5
+        batches.broken = False
+        batches.figures = ({"completed": 8}, 0.0)
+        found = scraped(await metrics.render())
+    assert value(found, "routeyard_batches", status="completed") == 8
+    said = [r.getMessage() for r in caplog.records if r.name == "routeyard.metrics"]
+    assert len(said) == 2  # once per outage, and once when it is over
+    assert "did not answer (OSError('database down'))" in said[0]
+    assert said[1] == "batch metrics: the batch database answers again"
 
 
 ROUTES = f"""auth:
