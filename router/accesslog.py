@@ -1,8 +1,9 @@
 """The access log: one JSON line per proxied request, written off the event loop.
 
 A line carries what an operator needs to find a request again and see where its time
-went: request id, trace id, model, endpoint group, backend, status, duration, time to
-first byte, bytes in and out, tokens, retries. Never a body, never a header value other
+went: request id, trace id, API key id, origin (a client's request or a batch line),
+model, endpoint group, backend, status, duration, time to first byte, bytes in and out,
+tokens, retries. Never a body, never a header value other
 than the request id and the trace id (so no API key can leak into it).
 
 Why not ``logging``: a ``LogRecord`` plus a ``QueueHandler`` (record, copy, format) costs
@@ -78,6 +79,8 @@ class AccessLog:
             "logger": LOGGER,
             "request_id": record.request_id,
             "trace_id": trace_id,
+            "key": record.key_id,
+            "origin": record.origin,
             "method": record.method,
             "path": record.path,
             "model": record.model,

@@ -41,6 +41,7 @@ from router.record import Sink
 from router.reload import ConfigHolder
 from router.settings import Settings
 from router.stored_responses import ResponseIds
+from router.tenants.errors import AdminKeyRequired, InvalidApiKey
 from router.tenants.limits import build_limiter
 from router.tracing import tracing_wanted
 
@@ -148,6 +149,10 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
             from router.dispatch import RouterDispatcher
 
             await batch.start(RouterDispatcher(proxy))
+            if metrics is not None:
+                from router.batch.models import STATUSES
+
+                metrics.watch_batches(batch, STATUSES)
         worker.run(app.loop, worker.checker.run(), holder.refresh_dns(),
                    *([holder.watch()] if settings.watch else []))
 
@@ -217,15 +222,29 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
 
     admin_routes = admin.register(app, holder, batch)
 
+    def metrics_allowed(request: Request) -> None:
+        """``/metrics`` needs an admin key with ``auth:``, unless ``auth.public_metrics``."""
+        auth = holder.current.auth
+        if auth is not None and not auth.public_metrics:
+            admin.admin_only(holder, request)
+
     if settings.metrics:
         @app.get("/metrics")
         async def metrics(request: Request) -> HTTPResponse:
             assert worker.metrics is not None
+            metrics_allowed(request)
             body = await worker.metrics.render()
             return HTTPResponse(body, content_type=PROMETHEUS)
 
     # Routes anyone may call, and the admin ones; every other route needs a key.
-    open_routes = {f"{app.name}.{name}" for name in ("health", "ready", "metrics")}
+    open_routes = {f"{app.name}.{name}" for name in ("health", "ready")}
+    metrics_route = f"{app.name}.metrics"
+    # The endpoint group of each catalog route, for the records of refused keys.
+    app.ctx.route_groups = {
+        **{f"{app.name}.{_name(path)}": route.group
+           for route in PROXIED for path in route.paths},
+        **{f"{app.name}.{_name(path.replace('<', '').replace('>', ''))}": "responses"
+           for route in BY_RESPONSE_ID for path in route.sanic_paths}}
 
     def gate(request: Request) -> None:
         """Before a body is read (``router.listener``): with ``auth:``, the route's key.
@@ -239,6 +258,9 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
             return
         if name in admin_routes:
             admin.admin_only(holder, request)
+            return
+        if name == metrics_route:
+            metrics_allowed(request)
             return
         authenticate(snapshot, request)
 
@@ -289,12 +311,24 @@ def _error_response(request: Request, exc: Exception) -> HTTPResponse:
     """Every router-made error, in OpenAI's envelope; never a stack trace."""
     if not isinstance(exc, RouterError):
         exc = _translate(request, exc)
+    elif isinstance(exc, InvalidApiKey | AdminKeyRequired):
+        _refused(request, exc)
     request_id = getattr(request.ctx, "request_id", None)
     headers = {"x-request-id": request_id or request.headers.get("x-request-id")
                or new_request_id()}
     headers.update(exc.headers)
     return HTTPResponse(exc.body(error_style(request.path), headers["x-request-id"]),
                         exc.status, headers, content_type=JSON)
+
+
+def _refused(request: Request, exc: InvalidApiKey | AdminKeyRequired) -> None:
+    """A refused key: no handler made a record for it (the key is checked before one is
+    made, in the listener's gate or at a handler's start), so it gets one here."""
+    proxy: Proxy = request.app.ctx.proxy
+    route = request.route
+    group = request.app.ctx.route_groups.get(route.name, "") if route is not None else ""
+    key_id = exc.key_id if isinstance(exc, AdminKeyRequired) else None
+    proxy.refused(request, group or "", exc, key_id)
 
 
 def _translate(request: Request, exc: Exception) -> RouterError:

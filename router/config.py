@@ -351,6 +351,8 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str,
         except ValueError as exc:
             raise ConfigError(source, f"auth: {exc}", *_position(tree, ("auth",))) from None
     batch = routes.batch
+    if batch is not None:
+        batch = batch.relative_to(Path(source).parent)
     if batch is not None and os.environ.get("ROUTEYARD_BATCH_DATABASE_URL"):
         # Keeps a database password out of routes.yaml (a Secret as an env var).
         url = os.environ["ROUTEYARD_BATCH_DATABASE_URL"]

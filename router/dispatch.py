@@ -6,9 +6,10 @@ checked and admitted with that key's ``Tenant``, looked up by id in the snapshot
 when the line runs, so a reload that removes a model, disables a group, narrows the key's
 models or removes the key applies to running batches at once. Each line is charged to
 the key's rate limits like an online request (a line over them answers 429, which the
-batch retries with backoff), and its record goes to the limiter sink, which replaces the
-token estimate with the usage the engine reported (batch lines are not yet in the request
-metrics or the access log). Lines are relayed with the same balancing, health and retries.
+batch retries with backoff). Its record (``origin`` ``batch``, the batch's key id) goes to
+the metrics and the access log like an online request's, and to the limiter sink, which
+replaces the token estimate with the usage the engine reported; batch lines are not
+traced. Lines are relayed with the same balancing, health and retries.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class RouterDispatcher:
         record = sinks.opened(Record(
             method="POST", path=url, headers=_JSON, group=group,
             operation=GEN_AI_OPERATIONS.get(group, group), request_id=request_id,
-            t0=perf_counter(), bytes_in=len(body), origin="batch"))
+            t0=perf_counter(), bytes_in=len(body), origin="batch", key_id=key))
         try:
             tenant = batch_key(snapshot, key)
             name, data = model_from_json(body)

@@ -1,7 +1,9 @@
 """Prometheus metrics, served on ``GET /metrics``; names and labels in docs/observability.md.
 
 **The request path does plain arithmetic only.** A finished request adds to Python ints
-and bucket lists of its (model, group, backend) ``Series`` (one ``bisect`` per histogram);
+and bucket lists of its (model, group, backend, key, origin) ``Series`` (one ``bisect`` per
+histogram; the series is found by one dict lookup of a tuple of strings the request
+already holds: key ids come from the config, so there are as many series as keys);
 once a second, and before every scrape, ``flush`` moves the sums into the
 ``prometheus_client`` children and samples the gauges (in flight and health per backend,
 queue length and backends up per model) from the endpoints themselves. Updating
@@ -19,11 +21,20 @@ it up). The other workers' figures are at most one flush (1 s) old. ``prometheus
 picks its storage when it is imported, so this module imports it only inside ``Metrics``.
 
 A scrape renders in a thread, so the event loop keeps relaying while the files are read.
+
+**Batches.** Where batches run in this process, their line counts (``BatchSource.lines``)
+are sampled at each flush like the gauges. The batch gauges that describe the whole
+database (batches by status, the oldest queued batch's age) are read at scrape time from
+``BatchSource.gauges`` (a bounded query, cached briefly by the batch service), so every
+router process with a ``batch:`` block shows them, whichever process runs the batches.
+With several workers they are ``mostrecent`` gauges: the worker that answered the last
+scrape wrote the freshest figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
@@ -32,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from router.record import Outcome, Record
+
+log = logging.getLogger("routeyard.metrics")
 
 #: What the metrics sample once a second: the endpoints, and per model (name, queue
 #: length, backends that get traffic).
@@ -47,6 +60,36 @@ class Sampled(Protocol):
     def in_flight(self) -> int: ...
     @property
     def up(self) -> bool: ...
+
+class LineCounts(Protocol):
+    """What a process's batch workers did since the last flush, and what they do now."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def take(self) -> tuple[int, int, int]:
+        """Lines completed, failed and retried since the last call (then zeroed)."""
+        ...
+
+
+class BatchSource(Protocol):
+    """The batch service, as the metrics read it."""
+
+    @property
+    def lines(self) -> LineCounts | None:
+        """None where this process runs no batch workers."""
+        ...
+
+    async def gauges(self) -> tuple[dict[str, int], float]:
+        """Batches by status, and the age in seconds of the oldest one waiting for a
+        worker (0 when none waits)."""
+        ...
+
+
+#: The ``outcome`` label of ``routeyard_batch_lines_total``, in ``LineCounts.take`` order.
+LINE_OUTCOMES = ("completed", "failed", "retried")
+#: How long a scrape waits for the batch database before it shows the last figures.
+BATCH_QUERY_TIMEOUT = 2.0
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FLUSH_INTERVAL = 1.0
@@ -95,17 +138,25 @@ class Histo:
 
 
 class Series:
-    """The requests of one (model, group, backend) since the last flush."""
+    """The requests of one (model, group, backend, key, origin) since the last flush.
 
-    __slots__ = ("codes", "counters", "duration", "labels", "overhead", "ttfb")
+    Several series share one histogram child (the histograms have no ``key`` or
+    ``origin`` label): each adds its own observations to it at flush."""
 
-    def __init__(self, metrics: Metrics, model: str, group: str, backend: str) -> None:
-        self.labels = (model, group, backend)
+    __slots__ = ("codes", "counters", "duration", "input_tokens", "labels", "output_tokens",
+                 "overhead", "tokens", "ttfb")
+
+    def __init__(self, metrics: Metrics, model: str, group: str, backend: str, key: str,
+                 origin: str) -> None:
+        self.labels = (model, group, backend, key, origin)
         self.codes: dict[int, int] = {}
         self.counters: dict[int, Any] = {}
         self.duration = Histo(metrics.duration.labels(model, group, backend), DURATION_BUCKETS)
         self.ttfb = Histo(metrics.ttfb.labels(model, group, backend), TTFB_BUCKETS)
         self.overhead = Histo(metrics.overhead.labels(model, group), OVERHEAD_BUCKETS)
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.tokens: tuple[Any, Any] | None = None  # made at the first tokens reported
 
     def flush(self, metrics: Metrics) -> None:
         if self.codes:
@@ -117,31 +168,31 @@ class Series:
                     counter = self.counters[status] = metrics.requests.labels(
                         *self.labels, str(status))
                 counter.inc(n)
+        if self.input_tokens or self.output_tokens:
+            tokens = self.tokens
+            if tokens is None:
+                model, _group, _backend, key, origin = self.labels
+                tokens = self.tokens = (metrics.tokens.labels(model, key, origin, "input"),
+                                        metrics.tokens.labels(model, key, origin, "output"))
+            if self.input_tokens:
+                tokens[0].inc(self.input_tokens)
+                self.input_tokens = 0
+            if self.output_tokens:
+                tokens[1].inc(self.output_tokens)
+                self.output_tokens = 0
         self.duration.flush()
         self.ttfb.flush()
         self.overhead.flush()
 
 
 class ModelSeries:
-    """Per model: token sums (flushed) and the rare events (updated directly)."""
+    """Per model: the rare events (queue waits and refusals), updated directly."""
 
-    __slots__ = ("input_tokens", "output_tokens", "queue_wait", "rejected", "tokens")
+    __slots__ = ("queue_wait", "rejected")
 
     def __init__(self, metrics: Metrics, model: str) -> None:
-        self.input_tokens = 0
-        self.output_tokens = 0
-        self.tokens = (metrics.tokens.labels(model, "input"),
-                       metrics.tokens.labels(model, "output"))
         self.queue_wait = metrics.queue_wait.labels(model)
         self.rejected = metrics.queue_rejections.labels(model)
-
-    def flush(self) -> None:
-        if self.input_tokens:
-            self.tokens[0].inc(self.input_tokens)
-            self.input_tokens = 0
-        if self.output_tokens:
-            self.tokens[1].inc(self.output_tokens)
-            self.output_tokens = 0
 
 
 class Metrics:
@@ -170,9 +221,10 @@ class Metrics:
             self.registry = registry
         rg = ["model", "group", "backend"]
         self.requests = Counter(
-            "routeyard_requests", "Proxied requests by model, endpoint group, backend and "
-            "HTTP status code (router-made errors included; backend empty when none was "
-            "chosen).", [*rg, "code"], registry=registry)
+            "routeyard_requests", "Proxied requests and batch lines by model, endpoint group, "
+            "backend, API key id, origin (online, batch) and HTTP status code (router-made "
+            "errors included; backend empty when none was chosen, key empty without one).",
+            [*rg, "key", "origin", "code"], registry=registry)
         self.duration = Histogram(
             "routeyard_request_duration_seconds", "From request arrival to the last byte of "
             "the response.", rg, buckets=DURATION_BUCKETS, registry=registry)
@@ -209,8 +261,9 @@ class Metrics:
             "routeyard_queue_rejections", "Requests answered 429 because the queue was full "
             "or no backend freed up in time.", ["model"], registry=registry)
         self.tokens = Counter(
-            "routeyard_tokens", "Tokens reported in responses' usage, by model and type "
-            "(input, output).", ["model", "type"], registry=registry)
+            "routeyard_tokens", "Tokens reported in responses' usage, by model, API key id, "
+            "origin (online, batch) and type (input, output).",
+            ["model", "key", "origin", "type"], registry=registry)
         self.reloads = Counter(
             "routeyard_config_reloads", "Config reloads by result (ok, error, unchanged); "
             "each worker counts its own.", ["result"], registry=registry)
@@ -220,8 +273,26 @@ class Metrics:
             "routeyard_config_info", "1 for the sha256 of the routes file being served (0 for "
             "one served earlier in this run, with several workers).",
             ["sha256"], multiprocess_mode="livemax", registry=registry)
-        self._series: dict[tuple[str, str, str], Series] = {}
+        self.batches = Gauge(
+            "routeyard_batches", "Batches in the batch database by status (read at scrape "
+            "time).", ["status"], multiprocess_mode="livemostrecent", registry=registry)
+        self.batch_lines = Counter(
+            "routeyard_batch_lines", "Batch lines run by the batch workers of this process, by "
+            "outcome (completed, failed; retried: an attempt that is tried again).",
+            ["outcome"], registry=registry)
+        self.batch_lines_in_flight = Gauge(
+            "routeyard_batch_lines_in_flight", "Batch lines being sent by the batch workers "
+            "of this process.", multiprocess_mode="livesum", registry=registry)
+        self.batch_oldest_queued_age = Gauge(
+            "routeyard_batch_oldest_queued_age_seconds", "Age of the oldest unfinished batch "
+            "that no worker holds (0 when none waits; read at scrape time).",
+            multiprocess_mode="livemostrecent", registry=registry)
+        self._series: dict[tuple[str, str, str, str, str], Series] = {}
         self._models: dict[str, ModelSeries] = {}
+        self._batch: BatchSource | None = None
+        self._line_counters: tuple[Any, ...] = ()
+        self._batch_statuses: dict[str, Any] = {}
+        self._batch_failing = False
         self._backends: dict[str, tuple[Any, Any]] = {}
         self._queues: dict[str, tuple[Any, Any]] = {}
         self._sha: str | None = None
@@ -229,11 +300,12 @@ class Metrics:
         self._timer: asyncio.TimerHandle | None = None
 
     # -- the request path: plain arithmetic ------------------------------------------------
-    def series(self, model: str, group: str, backend: str) -> Series:
-        key = (model, group, backend)
-        series = self._series.get(key)
+    def series(self, model: str, group: str, backend: str, key: str = "",
+               origin: str = "online") -> Series:
+        labels = (model, group, backend, key, origin)
+        series = self._series.get(labels)
         if series is None:
-            series = self._series[key] = Series(self, model, group, backend)
+            series = self._series[labels] = Series(self, *labels)
         return series
 
     def model(self, name: str) -> ModelSeries:
@@ -247,10 +319,10 @@ class Metrics:
         end = perf_counter()
         outcome = record.outcome
         model = record.label_model
-        key = (model, record.group, outcome.backend)
-        series = self._series.get(key)
+        labels = (model, record.group, outcome.backend, record.key_id or "", record.origin)
+        series = self._series.get(labels)
         if series is None:
-            series = self.series(*key)
+            series = self.series(*labels)
         codes = series.codes
         status = record.status
         codes[status] = codes.get(status, 0) + 1
@@ -261,12 +333,10 @@ class Metrics:
         if outcome.t_sent:
             series.overhead.observe(outcome.t_sent - t0)
         input_tokens, output_tokens = outcome.input_tokens, outcome.output_tokens
-        if input_tokens or output_tokens:
-            per_model = self.model(model)
-            if input_tokens:
-                per_model.input_tokens += input_tokens
-            if output_tokens:
-                per_model.output_tokens += output_tokens
+        if input_tokens:
+            series.input_tokens += input_tokens
+        if output_tokens:
+            series.output_tokens += output_tokens
         if outcome.queue_wait or outcome.queue_rejected or outcome.retried_from:
             self._rare(model, outcome)
 
@@ -293,8 +363,8 @@ class Metrics:
     def flush(self) -> None:
         for series in self._series.values():
             series.flush(self)
-        for model in self._models.values():
-            model.flush()
+        if self._batch is not None:
+            self._sample_lines(self._batch.lines)
         if self._sources is not None:
             endpoints, models = self._sources()
             self._sample_backends(endpoints)
@@ -325,6 +395,40 @@ class Metrics:
                 self.in_flight.remove(key)
                 self.backend_up.remove(key)
 
+    # -- batches ---------------------------------------------------------------------------
+    def watch_batches(self, source: BatchSource, statuses: Iterable[str]) -> None:
+        """Export ``source``'s figures: its lines at each flush, its gauges at each scrape
+        (every status in ``statuses`` is exported, zeros included)."""
+        self._batch = source
+        self._line_counters = tuple(self.batch_lines.labels(o) for o in LINE_OUTCOMES)
+        self._batch_statuses = {status: self.batches.labels(status) for status in statuses}
+
+    def _sample_lines(self, lines: LineCounts | None) -> None:
+        if lines is None:
+            return
+        for counter, n in zip(self._line_counters, lines.take(), strict=True):
+            if n:
+                counter.inc(n)
+        self.batch_lines_in_flight.set(lines.in_flight)
+
+    async def _sample_batches(self, source: BatchSource) -> None:
+        """The database's batch gauges; on a slow or failing database the last figures
+        stay (logged once per outage)."""
+        try:
+            counts, oldest = await asyncio.wait_for(source.gauges(), BATCH_QUERY_TIMEOUT)
+        except Exception as exc:  # a scrape must answer even when the batch database does not
+            if not self._batch_failing:  # once per outage, not once per scrape
+                log.warning("batch metrics: the batch database did not answer (%s); the "
+                            "batch gauges keep their last figures", repr(exc))
+            self._batch_failing = True
+            return
+        if self._batch_failing:
+            self._batch_failing = False
+            log.info("batch metrics: the batch database answers again")
+        for status, gauge in self._batch_statuses.items():
+            gauge.set(counts.get(status, 0))
+        self.batch_oldest_queued_age.set(oldest)
+
     def config_loaded(self, result: str | None, sha256: str) -> None:
         """A (re)load attempt: ``result`` is None for the first load."""
         if result is not None:
@@ -345,6 +449,8 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def render(self) -> bytes:
+        if self._batch is not None:
+            await self._sample_batches(self._batch)
         self.flush()
         return await asyncio.get_running_loop().run_in_executor(None, self.render_now)
 

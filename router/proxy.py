@@ -31,6 +31,7 @@ from router.errors import (
     ModelNotFound,
     PayloadTooLarge,
     ResponseNotFound,
+    RouterError,
     shown,
     stream_error_event,
 )
@@ -169,7 +170,7 @@ class Proxy:
     #: reads those too).
     sinks: Sinks
     limited_sinks: Sinks
-    #: Batch lines' records: the limiter only, for now.
+    #: Batch lines' records: metrics, access log and limiter (no traces).
     batch_sinks: Sinks
     tracing = False
 
@@ -182,21 +183,34 @@ class Proxy:
         self.limiter = limiter
         self.sinks = Sinks(sinks, tracer)
         self.limited_sinks = Sinks([*sinks, LimiterSink(limiter)], tracer)
-        self.batch_sinks = Sinks([LimiterSink(limiter)])
+        self.batch_sinks = Sinks([*sinks, LimiterSink(limiter)])
         self.tracing = tracer is not None
 
     def _record(self, request: Request, group: str, operation: str, request_id: str,
-                reads_usage: bool = True) -> Record:
+                tenant: Tenant | None, reads_usage: bool = True) -> Record:
         conn = request.conn_info
         # Sanic stamps the end of the request head; the body was read after it.
         t0 = getattr(request.stream, "perft0", 0.0) or perf_counter()
         record = Record(request.method, request.path, request.headers, group, operation,
                         request_id, t0, len(request.body),
                         conn.client_ip if conn is not None else None,
-                        request.scheme if self.tracing else "http", "online", reads_usage)
+                        request.scheme if self.tracing else "http", "online", reads_usage,
+                        tenant.key_id if tenant is not None else None)
         if self.tracing:
             self.sinks.opened(record)
         return record
+
+    def refused(self, request: Request, group: str, exc: RouterError,
+                key_id: str | None) -> None:
+        """An answer the key check gave before any handler made a record (401, 403: in the
+        listener's gate, or on a route of the router's own): it is counted, logged and
+        traced like any router-made error. ``group`` is the route's endpoint group (empty
+        for the router's own routes)."""
+        request_id = getattr(request.ctx, "request_id", None) or check_head(request)
+        record = self._record(request, group, GEN_AI_OPERATIONS.get(group, group), request_id,
+                              None)
+        record.key_id = key_id
+        self.sinks.settle(record, exc)  # no admission: nothing to await
 
     def handler(self, route: Route) -> Handler:
         """The handler of one catalog route: its group and model source are constants."""
@@ -212,7 +226,7 @@ class Proxy:
             snapshot = self.holder.current
             body = request.body
             tenant = authenticate(snapshot, request)
-            record = self._record(request, group, operation, request_id)
+            record = self._record(request, group, operation, request_id, tenant)
             sinks = self.sinks if tenant is None else self.limited_sinks
             try:
                 form = None
@@ -258,7 +272,7 @@ class Proxy:
         models = [m for m in snapshot.models.values() if "responses" in m.groups
                   and (tenant is None or tenant.can_use(m.name))]
         # its tokens were counted when the answer was made
-        record = self._record(request, "responses", "retrieve_response", request_id,
+        record = self._record(request, "responses", "retrieve_response", request_id, tenant,
                               reads_usage=False)
         try:
             if not models:

@@ -133,7 +133,7 @@ class Record:
     def __init__(self, method: str, path: str, headers: Mapping[str, str], group: str,
                  operation: str, request_id: str, t0: float, bytes_in: int,
                  client_ip: str | None = None, scheme: str = "http", origin: str = "online",
-                 reads_usage: bool = True) -> None:
+                 reads_usage: bool = True, key_id: str | None = None) -> None:
         self.method = method
         self.path = path
         self.headers = headers
@@ -149,7 +149,8 @@ class Record:
         self.model: str | None = None  # the name the client asked for
         self.label_model = ""  # the configured model, once found (a metric label)
         self.backend_model: str | None = None
-        self.key_id: str | None = None
+        #: The id of the API key the request was admitted with (``auth:``), else None.
+        self.key_id = key_id
         self.outcome = Outcome(reads_usage)
         self.status = 0
         self.error: str | None = None

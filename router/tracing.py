@@ -252,6 +252,8 @@ class RequestTrace:
             }
             if record.model is not None:
                 attrs["gen_ai.request.model"] = record.model
+            if record.key_id is not None:
+                attrs["routeyard.key.id"] = record.key_id
             if outcome.backend:
                 attrs["routeyard.backend"] = outcome.backend
             if outcome.t_first:

@@ -457,8 +457,9 @@ class Router(Process):
 
     # -- observability ------------------------------------------------------------------
     def scrape(self) -> Samples:
-        """``GET /metrics`` parsed: (sample name, sorted labels) → value."""
-        response = httpx.get(f"{self.url}/metrics", timeout=10)
+        """``GET /metrics`` parsed: (sample name, sorted labels) → value (with the admin key
+        when the router has one: ``/metrics`` needs it under ``auth:``)."""
+        response = httpx.get(f"{self.url}/metrics", timeout=10, headers=self.admin_headers)
         assert response.status_code == 200, response.text
         samples = {}
         for family in text_string_to_metric_families(response.text):

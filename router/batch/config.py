@@ -9,7 +9,9 @@ environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``AWS_REGION
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 
@@ -116,3 +118,24 @@ class BatchConfig(_Strict):
         if self.poll_interval >= self.lease or self.lease < 1:
             raise ValueError("lease must be at least 1s and longer than poll_interval")
         return self
+
+    def relative_to(self, base: Path) -> BatchConfig:
+        """This config with its relative paths (a SQLite database file, a local storage
+        directory) taken as relative to ``base`` (the routes file's directory, as for
+        ``key_file``)."""
+        from sqlalchemy.engine import make_url  # not at import: config loading stays light
+
+        base = base.absolute()
+        update: dict[str, Any] = {}
+        url = make_url(self.database_url)
+        database = url.database
+        if (url.get_backend_name() == "sqlite" and database and database != ":memory:"
+                and not database.startswith("file:") and not Path(database).is_absolute()):
+            update["database_url"] = url.set(database=str(base / database)).render_as_string(
+                hide_password=False)
+        storage = self.storage.url
+        scheme = urlsplit(storage).scheme
+        path = storage.removeprefix("file://") if scheme == "file" else storage
+        if scheme in ("", "file") and not Path(path).expanduser().is_absolute():
+            update["storage"] = self.storage.model_copy(update={"url": str(base / path)})
+        return self.model_copy(update=update) if update else self

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, event, insert, or_, select, text, update
+from sqlalchemy import delete, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -229,6 +229,18 @@ class MetaStore:
                 lease_owner=owner, lease_until=now + lease,
                 lease_epoch=batches.c.lease_epoch + 1))
             return (await conn.execute(select(batches).where(batches.c.id == batch_id))).first()
+
+    async def batch_gauges(self, now: float) -> tuple[dict[str, int], int | None]:
+        """Batches by status, and the ``created_at`` of the oldest active batch whose lease
+        is free or lapsed (what ``claim`` would take next), or None."""
+        free = or_(batches.c.lease_until.is_(None), batches.c.lease_until < now)
+        by_status = select(batches.c.status, func.count()).group_by(batches.c.status)
+        oldest = select(func.min(batches.c.created_at)).where(
+            batches.c.status.in_(ACTIVE), free)
+        async with self.engine.begin() as conn:
+            counts = {status: n for status, n in (await conn.execute(by_status)).all()}
+            first = (await conn.execute(oldest)).scalar()
+        return counts, first
 
     async def renew(self, batch_id: str, epoch: int, until: float) -> str:
         """Extend the lease; returns the status (the API may have set ``cancelling``)."""

@@ -9,6 +9,9 @@ models, and its rate limits (a line over them gets a 429, retried with backoff l
 overload). Lines already in the checkpoint (``batch_results``) are never sent again; each
 finished line is checkpointed with the counters in one transaction fenced by the lease
 epoch, so a worker that lost its lease can neither record nor finalize.
+
+Each change of status a job makes is logged at INFO with the batch's id and counts; the
+process's ``LineCounts`` count the lines its jobs run (the metrics read them).
 """
 
 from __future__ import annotations
@@ -43,6 +46,25 @@ RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
 OVERLOAD = frozenset({429, 503})
 
 
+class LineCounts:
+    """The lines a process's jobs ran since the metrics last took the counts, and the lines
+    being sent now: plain ints, read by ``router.metrics`` at its flush."""
+
+    __slots__ = ("completed", "failed", "in_flight", "retried")
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.failed = 0
+        self.retried = 0  # attempts that are tried again (429, 5xx, 408)
+        self.in_flight = 0
+
+    def take(self) -> tuple[int, int, int]:
+        """Completed, failed and retried since the last call; zeroes them."""
+        counts = self.completed, self.failed, self.retried
+        self.completed = self.failed = self.retried = 0
+        return counts
+
+
 @dataclass
 class Context:
     """What every job of a process shares."""
@@ -53,6 +75,7 @@ class Context:
     config: BatchConfig
     clock: Callable[[], float] = time.time
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    lines: LineCounts = field(default_factory=LineCounts)
 
 
 class ResultWriter:
@@ -118,6 +141,10 @@ class Job:
         self.epoch: int = row.lease_epoch
         self.status: str = row.status
         self.started = row.in_progress_at is not None
+        #: Lines finished, as far as this job knows (the checkpoint's, plus its own): logs.
+        self.total: int = row.total
+        self.completed: int = row.completed
+        self.failed: int = row.failed
         self.lost = False
         self._wake = asyncio.Event()
 
@@ -163,7 +190,11 @@ class Job:
         """The stored status, as read by a heartbeat or checkpoint: notice a cancel."""
         if status == "cancelling" and self.status in ("validating", "in_progress"):
             self.status = "cancelling"
+            log.info("batch %s: cancelling seen by its worker (%s)", self.id, self._counts())
             self._wake.set()
+
+    def _counts(self) -> str:
+        return f"{self.completed} completed, {self.failed} failed of {self.total}"
 
     def _expired(self) -> bool:
         return bool(self.ctx.clock() >= self.row.expires_at)
@@ -198,6 +229,8 @@ class Job:
             outcome = await self._execute()
             if outcome == "drain":
                 await db.release(self.id, self.epoch)
+                log.info("batch %s: released by its draining worker, stays in_progress (%s)",
+                         self.id, self._counts())
                 return False
             if outcome == "expire":
                 return await self._finish("expired")
@@ -207,6 +240,7 @@ class Job:
             if await db.transition(self.id, self.epoch, ("in_progress",),
                                    {"status": "finalizing", "finalizing_at": now}):
                 self.status = "finalizing"
+                log.info("batch %s: finalizing (%s)", self.id, self._counts())
             else:
                 self.status = "cancelling"
             return True
@@ -233,6 +267,8 @@ class Job:
                   "total": result.requests, "model": result.model}
         if await self.ctx.db.transition(self.id, self.epoch, ("validating",), values):
             self.status, self.started = "in_progress", True
+            self.total = result.requests
+            log.info("batch %s: in_progress (%d requests)", self.id, result.requests)
         else:
             self.status = "cancelling"
         return True
@@ -240,8 +276,12 @@ class Job:
     async def _fail(self, errors: list[dict[str, Any]]) -> None:
         values = {"status": "failed", "failed_at": int(self.ctx.clock()),
                   "errors": orjson.dumps(errors).decode()}
-        if not await self.ctx.db.finish(self.id, self.epoch, ("validating", "in_progress"),
-                                        values, []):
+        if await self.ctx.db.finish(self.id, self.epoch, ("validating", "in_progress"),
+                                    values, []):
+            self.status = "failed"
+            log.info("batch %s: failed (%d errors, first: %s)", self.id, len(errors),
+                     errors[0].get("code") if errors else None)
+        else:
             self.status = "cancelling"
             await self._finish("cancelled")
 
@@ -264,7 +304,8 @@ class Job:
                  "expired": ("validating", "in_progress")}[outcome]
         if await db.finish(self.id, self.epoch, from_, values, rows):
             self.status = outcome
-            log.info("batch %s: %s", self.id, outcome)
+            self.total, self.completed, self.failed = fresh.total, fresh.completed, fresh.failed
+            log.info("batch %s: %s (%s)", self.id, outcome, self._counts())
             return False
         self.status = "cancelling"
         return True
@@ -313,6 +354,16 @@ class Job:
 
     async def _line(self, number: int, custom_id: str, body: bytes, limiter: AdaptiveLimit,
                     writer: ResultWriter) -> None:
+        lines = self.ctx.lines
+        lines.in_flight += 1
+        try:
+            await self._send_line(number, custom_id, body, limiter, writer, lines)
+        finally:
+            lines.in_flight -= 1
+
+    async def _send_line(self, number: int, custom_id: str, body: bytes,
+                         limiter: AdaptiveLimit, writer: ResultWriter,
+                         lines: LineCounts) -> None:
         attempt = 1
         while True:
             try:
@@ -333,9 +384,17 @@ class Job:
                 if reason == "drain":
                     return  # unrecorded: the next owner sends it again
                 break
+            lines.retried += 1
             await self._backoff(attempt)
             attempt += 1
-        writer.add(self._result(number, custom_id, status, payload))
+        result = self._result(number, custom_id, status, payload)
+        if result.ok:
+            lines.completed += 1
+            self.completed += 1
+        else:
+            lines.failed += 1
+            self.failed += 1
+        writer.add(result)
 
     async def _backoff(self, attempt: int) -> None:
         config = self.config

@@ -22,6 +22,8 @@ UNSERVED_ENDPOINTS = ("/v1/moderations", "/v1/images/generations", "/v1/images/e
                       "/v1/videos")
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+#: Every status a batch can have (the ``status`` label of ``routeyard_batches``).
+STATUSES = ("validating", "in_progress", "finalizing", "cancelling", *TERMINAL)
 
 
 def new_id(prefix: str) -> str:

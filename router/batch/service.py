@@ -4,6 +4,8 @@ Made at import without I/O; ``start()`` opens the database (running migrations),
 object store and ``config.workers`` workers; ``close()`` drains and closes them. The
 HTTP layer (``api.register``) calls the methods below with the caller's tenant; a new
 batch also records the caller's API key (``key_of``), whose rules its lines run under.
+For the metrics: ``lines`` (what this process's workers run) and ``gauges`` (the whole
+database's batches, read at most once per ``GAUGES_TTL``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from router.batch.config import BatchConfig
 from router.batch.db import MetaStore, create_engine, migrate
 from router.batch.dispatch import Dispatcher
 from router.batch.errors import BatchNotFound, Conflict, FileNotFound, InvalidBatch
-from router.batch.jobs import Context
+from router.batch.jobs import Context, LineCounts
 from router.batch.models import (
     BATCH_ENDPOINTS,
     UNSERVED_ENDPOINTS,
@@ -51,6 +53,9 @@ def _limit(value: Any, default: int, maximum: int, name: str) -> int:
 
 log = logging.getLogger("routeyard.batch")
 
+#: Seconds the batch gauges of the metrics are reused before the database is asked again.
+GAUGES_TTL = 5.0
+
 #: Settings read once at start (storage, database, workers).
 RESTART_SETTINGS = ("database_url", "database_schema", "database_pool_size", "storage",
                     "workers")
@@ -65,6 +70,7 @@ class BatchService:
         self._objects: Objects | None = None
         self._dispatcher: Dispatcher | None = None
         self.pool: WorkerPool | None = None
+        self._gauges: tuple[float, tuple[dict[str, int], float]] | None = None
 
     # lifecycle -----------------------------------------------------------------------
 
@@ -111,6 +117,24 @@ class BatchService:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+    @property
+    def lines(self) -> LineCounts | None:
+        """The line counts of this process's workers; None when it runs none."""
+        return self.pool.ctx.lines if self.pool is not None else None
+
+    async def gauges(self) -> tuple[dict[str, int], float]:
+        """Batches by status, and the age (seconds) of the oldest unfinished batch that no
+        worker holds (0 when none waits): two indexed queries, reused for ``GAUGES_TTL``."""
+        now = time.monotonic()
+        cached = self._gauges
+        if cached is not None and now - cached[0] < GAUGES_TTL:
+            return cached[1]
+        clock = self.clock()
+        counts, oldest = await self.db.batch_gauges(clock)
+        figures = counts, (max(0.0, clock - oldest) if oldest is not None else 0.0)
+        self._gauges = (now, figures)
+        return figures
 
     @property
     def db(self) -> MetaStore:
@@ -218,6 +242,8 @@ class BatchService:
             "total_tokens": 0, "lease_epoch": 0,
         })
         created = await self.get_batch(tenant, batch_id)
+        log.info("batch %s: validating (created for %s, %s, input %s)", batch_id, endpoint,
+                 f"key {key}" if key else "no key", input_file_id)
         if self.pool is not None:
             self.pool.wake()
         return created
@@ -256,7 +282,11 @@ class BatchService:
             return current
         if self.pool is not None:
             self.pool.wake()
-        return await self.get_batch(tenant, batch_id)
+        cancelling = await self.get_batch(tenant, batch_id)
+        counts = cancelling["request_counts"]
+        log.info("batch %s: cancelling (requested; %d completed, %d failed of %d)", batch_id,
+                 counts["completed"], counts["failed"], counts["total"])
+        return cancelling
 
 
 def _metadata(value: Any) -> dict[str, str] | None:

@@ -31,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -134,11 +135,14 @@ class KeysFile(_Strict):
 
 
 class AuthConfig(_Strict):
-    """The ``auth:`` block. Its presence turns authentication on for every route."""
+    """The ``auth:`` block. Its presence turns authentication on for every route but
+    ``/health`` and ``/ready``; ``/metrics`` then needs an admin key too, unless
+    ``public_metrics`` is true."""
 
     keys: list[KeySpec] = []
     admin_keys: list[AdminKeySpec] = []
     keys_file: str | None = Field(default=None, min_length=1)
+    public_metrics: StrictBool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +170,7 @@ class ResolvedAuth:
     keys: tuple[ResolvedKey, ...]
     fingerprint: str
     watch_paths: tuple[Path, ...]
+    public_metrics: bool = False
 
 
 def resolve_auth(
@@ -208,7 +213,7 @@ def resolve_auth(
                 )
             owner[digest] = label
         keys.append(_resolved(spec, digests))
-    return ResolvedAuth(tuple(keys), _fingerprint(keys), tuple(paths))
+    return ResolvedAuth(tuple(keys), _fingerprint(keys), tuple(paths), config.public_metrics)
 
 
 def _resolved(spec: AdminKeySpec, digests: tuple[bytes, ...]) -> ResolvedKey:

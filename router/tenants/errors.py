@@ -33,8 +33,10 @@ class AdminKeyRequired(ClientError):
     type = "permission_error"
     code = "admin_key_required"
 
-    def __init__(self) -> None:
+    def __init__(self, key_id: str | None = None) -> None:
         super().__init__("This endpoint needs an admin key (auth.admin_keys in routes.yaml).")
+        #: The id of the (valid, non-admin) key presented: logs and metrics name it.
+        self.key_id = key_id
 
 
 class RateLimited(ClientError):

@@ -89,6 +89,8 @@ class Authenticator:
     def __init__(self, auth: ResolvedAuth) -> None:
         self.fingerprint = auth.fingerprint
         self.watch_paths = auth.watch_paths
+        #: ``auth.public_metrics``: ``/metrics`` open to anyone, not only admin keys.
+        self.public_metrics = auth.public_metrics
         self._by_digest: dict[bytes, tuple[bytes, Tenant]] = {}
         self.tenants: dict[str, Tenant] = {}
         for key in auth.keys:
@@ -119,7 +121,7 @@ class Authenticator:
         """Like ``authenticate``, and ``AdminKeyRequired`` (403) for a non-admin key."""
         tenant = self.authenticate(authorization, x_api_key)
         if not tenant.admin:
-            raise AdminKeyRequired()
+            raise AdminKeyRequired(tenant.key_id)
         return tenant
 
 

@@ -177,3 +177,55 @@ def test_adaptive_limit_arithmetic() -> None:
     for _ in range(10):
         limit.on_overload()
     assert limit.allowed(0.0) == 1
+
+
+# what the metrics and the logs see ---------------------------------------------------
+
+
+async def test_line_counts_and_state_changes_are_visible(
+        make_service: Make, flaky: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The process's line counts (what ``routeyard_batch_lines_total`` and
+    ``routeyard_batch_lines_in_flight`` export) and an INFO line per state change."""
+    service, _dispatcher = await make_service()
+    assert service.lines is not None and service.lines.take() == (0, 0, 0)
+    httpx.post(f"{flaky}/_fake/inject", json={"status": 503, "count": 2})
+    lines = [chat_line("seen-ok"), chat_line("seen-400", max_tokens=-1),
+             chat_line("seen-retried", model="flaky-model")]
+    with caplog.at_level("INFO", logger="routeyard.batch"):
+        batch_id = await submit(service, lines)
+        done = await finished(service, batch_id)
+    assert done["status"] == "completed"
+    assert service.lines.take() == (2, 1, 2)  # completed, failed, retried (two 503s)
+    assert service.lines.take() == (0, 0, 0)  # taken once
+    assert service.lines.in_flight == 0
+    said = [r.getMessage() for r in caplog.records
+            if r.levelname == "INFO" and batch_id in r.getMessage()]
+    assert said == [
+        f"batch {batch_id}: validating (created for /v1/chat/completions, no key, input "
+        f"{done['input_file_id']})",
+        f"batch {batch_id}: in_progress (3 requests)",
+        f"batch {batch_id}: finalizing (2 completed, 1 failed of 3)",
+        f"batch {batch_id}: completed (2 completed, 1 failed of 3)",
+    ]
+    counts, oldest = await service.gauges()
+    assert counts == {"completed": 1} and oldest == 0
+
+
+async def test_gauges_show_the_oldest_batch_no_worker_holds(tmp_path: Path) -> None:
+    """A batch no worker takes (none runs in this process: ``routeyard batch-worker``
+    would) is queued: its age is what ``routeyard_batch_oldest_queued_age_seconds`` shows."""
+    now = [1_000_000.0]
+    config = BatchConfig.model_validate({
+        "database_url": f"sqlite+aiosqlite:///{tmp_path}/db.db",
+        "storage": {"url": str(tmp_path / "files")}, **FAST})
+    service = BatchService(config, clock=lambda: now[0])
+    await service.start()  # no dispatcher: no workers here
+    try:
+        assert service.lines is None
+        await submit(service, [chat_line("queued-1")])
+        now[0] += 30
+        await submit(service, [chat_line("queued-2")])
+        now[0] += 12
+        assert await service.gauges() == ({"validating": 2}, 42.0)
+    finally:
+        await service.close()

@@ -271,6 +271,30 @@ def test_restricted_namespaces_hold_only_restricted_pods(rendered) -> None:
     assert checked >= 6  # the routers and the dev overlay's fake engines
 
 
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_metrics_are_scraped_with_the_admin_key_under_auth(rendered, name: str) -> None:
+    """With ``auth:``, ``/metrics`` needs an admin key unless ``auth.public_metrics``: a
+    ServiceMonitor sends the admin key from the very Secret file the router reads it from,
+    and a render scraped only by the pod annotations (no key) opens ``/metrics``."""
+    objs = rendered[name]
+    r = Router(objs)
+    auth = routes_tree(objs).get("auth")
+    if auth is None or auth.get("public_metrics") is True:
+        return
+    monitors = objects(objs, "ServiceMonitor")
+    assert monitors, f"{name}: auth is on and nothing can scrape /metrics without a key"
+    keys_dir = r.mounts["keys"]["mountPath"] + "/"
+    admin_files = {k["key_file"].removeprefix(keys_dir) for k in auth.get("admin_keys", [])
+                   if k.get("key_file", "").startswith(keys_dir)}
+    for monitor in monitors:
+        for endpoint in monitor["spec"]["endpoints"]:
+            authorization = endpoint["authorization"]
+            assert authorization["type"] == "Bearer"
+            credentials = authorization["credentials"]
+            assert credentials["name"] == r.volumes["keys"]["secret"]["secretName"]
+            assert credentials["key"] in admin_files
+
+
 def test_production_extras(rendered) -> None:
     objs = rendered["overlays_production"]
     r = Router(objs)

@@ -116,16 +116,19 @@ def test_counters_move_by_exactly_the_requests_sent_across_two_workers(
     def delta(name: str, **extra: str) -> float:
         return _value(after, name, **extra) - _value(before, name, **extra)
 
-    assert delta("routeyard_requests_total", **labels, code="200") == n_ok
-    assert delta("routeyard_requests_total", model="", group="chat", backend="",
+    online = {"key": "", "origin": "online"}  # no auth: no key
+    assert delta("routeyard_requests_total", **labels, **online, code="200") == n_ok
+    assert delta("routeyard_requests_total", model="", group="chat", backend="", **online,
                  code="404") == n_missing
     assert delta("routeyard_request_duration_seconds_count", **labels) == n_ok
     assert delta("routeyard_request_duration_seconds_bucket", **labels, le="+Inf") == n_ok
     assert delta("routeyard_time_to_first_byte_seconds_count", **labels) == n_ok
     assert delta("routeyard_router_overhead_seconds_count", model="obs-chat",
                  group="chat") == n_ok
-    assert delta("routeyard_tokens_total", model="obs-chat", type="input") == tokens_in
-    assert delta("routeyard_tokens_total", model="obs-chat", type="output") == tokens_out
+    assert delta("routeyard_tokens_total", model="obs-chat", **online,
+                 type="input") == tokens_in
+    assert delta("routeyard_tokens_total", model="obs-chat", **online,
+                 type="output") == tokens_out
     assert _value(after, "routeyard_backend_in_flight_requests", backend=backend) == 0
     assert _value(after, "routeyard_backend_up", backend=backend) == 1
 
@@ -231,3 +234,26 @@ def test_switches_off_metrics_and_access_log(engines: dict[str, str], launch_rou
     assert r.status_code == 200
     assert router.stop() == 0  # a clean shutdown: a worker writes out every line it holds
     assert router.access_lines() == []
+
+
+def test_the_docs_metric_table_lists_every_metric_with_its_type_and_labels() -> None:
+    """docs/observability.md's table mirrors the registry: names, types and labels."""
+    import re
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from router.metrics import Metrics
+
+    doc = (Path(__file__).parents[2] / "docs" / "observability.md").read_text()
+    documented = {}
+    for name, kind, labels in re.findall(r"^\| `(routeyard_\w+)` \| (\w+) \|([^|]*)\|", doc,
+                                         re.MULTILINE):
+        top_level = re.sub(r"\([^)]*\)", "", labels)  # `type` (`input`, `output`): values
+        documented[name] = (kind, tuple(re.findall(r"`(\w+)`", top_level)))
+    exported = {}
+    for metric in vars(Metrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            kind = metric._type
+            name = metric._name + ("_total" if kind == "counter" else "")
+            exported[name] = (kind, tuple(metric._labelnames))
+    assert documented == exported

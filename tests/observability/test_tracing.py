@@ -214,7 +214,7 @@ def test_queue_wait_is_on_the_routing_span_and_429_is_counted(
     assert delta("routeyard_queue_rejections_total", model="obs-queue") == 1
     assert delta("routeyard_queue_wait_seconds_count", model="obs-queue") == 1
     assert delta("routeyard_requests_total", model="obs-queue", group="chat", backend="",
-                 code="429") == 1
+                 key="", origin="online", code="429") == 1
 
 
 def _in_flight(router: Router) -> float:

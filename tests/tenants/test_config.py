@@ -161,3 +161,10 @@ def test_hash_key_command_hashes_a_key_from_stdin(capsys: pytest.CaptureFixture[
     assert out.getvalue() == hash_key(KEY_ALICE) + "\n"
     assert hash_key_command(["--stdin"], stdin=io.StringIO("short"), stdout=out) == 2
     assert "at least" in capsys.readouterr().err
+
+
+def test_public_metrics_is_a_boolean_off_by_default() -> None:
+    assert config().public_metrics is False
+    assert resolve_auth(config(public_metrics=True)).public_metrics is True
+    with pytest.raises(ValidationError, match="public_metrics"):
+        config(public_metrics="yes")

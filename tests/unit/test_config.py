@@ -133,3 +133,33 @@ def test_no_secrets_skips_the_engine_key_variable_only() -> None:
     config = parse(text, secrets=False)
     assert config.models["qwen25-15b-instruct"].backends[0].api_key_env == "ROUTEYARD_TEST_UNSET"
     assert config.auth is None
+
+
+def test_relative_batch_paths_resolve_against_the_routes_file(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like ``key_file``: a SQLite file and a local storage directory named relatively
+    are found beside the routes file, whatever the working directory."""
+    monkeypatch.delenv("ROUTEYARD_BATCH_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    source = str(conf / "routes.yaml")
+    relative = parse(MINIMAL + b"batch:\n  database_url: sqlite+aiosqlite:///state/b.db\n"
+                     b"  storage: {url: ./files}\n", source).batch
+    assert relative is not None
+    assert relative.database_url == f"sqlite+aiosqlite:///{conf}/state/b.db"
+    assert relative.storage.url == str(conf / "files")
+    defaults = parse(MINIMAL + b"batch: {}\n", source).batch
+    assert defaults is not None
+    assert defaults.database_url == f"sqlite+aiosqlite:///{conf}/routeyard-batch.db"
+    assert defaults.storage.url == str(conf / "routeyard-batch-files")
+    kept = parse(MINIMAL + b"batch:\n  database_url: sqlite+aiosqlite:////abs/b.db\n"
+                 b"  storage: {url: 's3://bucket/prefix'}\n", source).batch
+    assert kept is not None
+    assert kept.database_url == "sqlite+aiosqlite:////abs/b.db"
+    assert kept.storage.url == "s3://bucket/prefix"
+    local = parse(MINIMAL + b"batch:\n  database_url: 'postgresql+asyncpg://u:pw@db/x'\n"
+                  b"  storage: {url: 'file://data'}\n", source).batch
+    assert local is not None
+    assert local.database_url == "postgresql+asyncpg://u:pw@db/x"
+    assert local.storage.url == str(conf / "data")
