@@ -136,10 +136,7 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
         holder.reports = logs.leads(logs.worker_name())
         await holder.load(config)
         if metrics is not None:
-            metrics.start(app.loop, lambda: (
-                holder.registry.by_key.values(),
-                [(m.name, len(m.cluster.waiters), m.cluster.up_count())
-                 for m in holder.current.models.values()]))
+            metrics.start(app.loop, holder.sampled)
         limiter = build_limiter()
         proxy.start(limiter, worker.sinks, worker.tracing)
         worker.checker = HealthChecker(holder.registry.board, holder.registry.by_key.values,

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -26,11 +26,18 @@ from router import logs
 from router.config import ConfigError, RoutesConfig, load_file
 from router.settings import Settings, describe
 
+if TYPE_CHECKING:
+    from router.metrics import Metrics
+    from router.snapshot import Snapshot
+
 log = logging.getLogger("routeyard")
 #: Sanic's listen backlog (``bind_socket``'s default is the same).
 BACKLOG = 100
 #: ``serve``'s flags, by the setting each overrides.
 SERVE_FLAGS = {"config": "--config", "host": "--host", "port": "--port", "workers": "--workers"}
+#: ``batch-worker``'s flags, by the setting each overrides.
+BATCH_WORKER_FLAGS = {"config": "--config", "host": "--metrics-host",
+                      "batch_worker_metrics_port": "--metrics-port"}
 
 DEMO_ENGINES = (
     # (public model name, fake-engine task, port offset, endpoint groups)
@@ -131,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "file), until SIGTERM")
     worker.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG, default "
                         f"{defaults['config'].default})")
+    worker.add_argument("--metrics-port", type=int, dest="batch_worker_metrics_port",
+                        help="serve Prometheus metrics on GET /metrics at this port, no auth "
+                             "(env ROUTEYARD_BATCH_WORKER_METRICS_PORT, default none: no "
+                             "metrics port; 0: a free port, logged)")
+    worker.add_argument("--metrics-host", dest="host",
+                        help="listen address of the metrics port (env ROUTEYARD_HOST, default "
+                             f"{defaults['host'].default}; 0.0.0.0 in containers)")
     return parser
 
 
@@ -142,17 +156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return hash_key_command(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in ("serve", "batch-worker"):
-        given = {k: v for k in SERVE_FLAGS if (v := getattr(args, k, None)) is not None}
+        flags = SERVE_FLAGS if args.command == "serve" else BATCH_WORKER_FLAGS
+        given = {k: v for k in flags if (v := getattr(args, k, None)) is not None}
         try:
             settings = Settings(**given)
         except ValidationError as exc:
-            print(f"routeyard: {describe(exc, {k: SERVE_FLAGS[k] for k in given})}",
+            print(f"routeyard: {describe(exc, {k: flags[k] for k in given})}",
                   file=sys.stderr)
             return 2
         if args.command == "serve":
             return serve_command(settings)
         logs.configure(settings.log_level, settings.log_format)
-        return asyncio.run(batch_worker(settings.config))
+        return asyncio.run(batch_worker(settings))
     if args.command == "compat":
         return compat_command(args)
     if args.command == "check":
@@ -166,9 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return demo_command(args.host, args.port, args.engine_base_port)
 
 
-async def batch_worker(config_path: str) -> int:
+async def batch_worker(settings: Settings) -> int:
     """A process that only runs batches, through its own routing core (same routes file:
-    allowlists, balancing, health and retries), until SIGTERM."""
+    allowlists, balancing, health and retries), until SIGTERM; with a metrics port, its
+    lines are counted and served there (the database's batch gauges are the routers')."""
     from router.batch.worker import run_worker
     from router.dispatch import RouterDispatcher
     from router.health import HealthChecker
@@ -177,7 +193,11 @@ async def batch_worker(config_path: str) -> int:
     from router.stored_responses import ResponseIds
     from router.tenants.limits import build_limiter
 
-    holder = ConfigHolder(config_path)
+    holder = ConfigHolder(settings.config)
+    port = settings.batch_worker_metrics_port
+    metrics = None if port is None else _single_process_metrics()
+    if metrics is not None:
+        holder.listeners.append(partial(_config_loaded, metrics))
     try:
         await holder.load()
     except ConfigError as exc:
@@ -185,23 +205,57 @@ async def batch_worker(config_path: str) -> int:
         return 1
     batch = holder.current.config.batch
     if batch is None:
-        print(f"routeyard: {config_path} has no `batch:` block", file=sys.stderr)
+        print(f"routeyard: {settings.config} has no `batch:` block", file=sys.stderr)
         return 1
+    server = None
+    if metrics is not None:
+        assert port is not None
+        try:
+            server = metrics.serve(settings.host, port)
+        except OSError as exc:
+            print(f"routeyard: cannot listen on {_location(settings.host, port)}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            holder.close()
+            return 1
+        log.info("metrics on http://%s/metrics",
+                 _location(settings.host, server.server_address[1]))
+        metrics.start(asyncio.get_running_loop(), holder.sampled)
     checker = HealthChecker(holder.registry.board, holder.registry.by_key.values,
                             holder.health_settings)
     proxy = Proxy(holder, ResponseIds())
-    proxy.start(build_limiter(), [], None)
+    proxy.start(build_limiter(), [] if metrics is None else [metrics], None)
     tasks = [asyncio.create_task(t) for t in (holder.watch(), checker.run(),
                                               holder.refresh_dns())]
     try:
-        await run_worker(batch, RouterDispatcher(proxy))
+        await run_worker(batch, RouterDispatcher(proxy),
+                         started=None if metrics is None else metrics.watch_lines)
     finally:
         for task in tasks:
             task.cancel()
         checker.close()
         await proxy.limiter.close()
         holder.close()
+        if metrics is not None:
+            metrics.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     return 0
+
+
+def _single_process_metrics() -> Metrics:
+    """The batch worker's metrics: one process, so never ``PROMETHEUS_MULTIPROC_DIR``
+    (an environment shared with ``routeyard serve`` may set it); removed before
+    ``prometheus_client`` is imported, which is when it picks its storage."""
+    from router.metrics import MULTIPROC_ENV, Metrics
+
+    if os.environ.pop(MULTIPROC_ENV, None) is not None:
+        log.info("metrics: %s is ignored by batch-worker (one process)", MULTIPROC_ENV)
+    return Metrics()
+
+
+def _config_loaded(metrics: Metrics, result: str | None, snap: Snapshot) -> None:
+    metrics.config_loaded(result, snap.config.sha256)
 
 
 def compat_command(args: argparse.Namespace) -> int:

@@ -21,12 +21,15 @@ it up). The other workers' figures are at most one flush (1 s) old. ``prometheus
 picks its storage when it is imported, so this module imports it only inside ``Metrics``.
 
 A scrape renders in a thread, so the event loop keeps relaying while the files are read.
+``routeyard batch-worker`` has no Sanic app: ``serve`` answers its scrapes from
+``prometheus_client``'s own HTTP server thread, with the figures of the last flush.
 
-**Batches.** Where batches run in this process, their line counts (``BatchSource.lines``)
-are sampled at each flush like the gauges. The batch gauges that describe the whole
-database (batches by status, the oldest queued batch's age) are read at scrape time from
-``BatchSource.gauges`` (a bounded query, cached briefly by the batch service), so every
-router process with a ``batch:`` block shows them, whichever process runs the batches.
+**Batches.** Where batches run in this process (``watch_lines``), their line counts
+(``BatchSource.lines``) are sampled at each flush like the gauges. The batch gauges that
+describe the whole database (batches by status, the oldest queued batch's age) are read
+at scrape time from ``BatchSource.gauges`` (``watch_batches``: a bounded query, cached
+briefly by the batch service), so every router process with a ``batch:`` block shows
+them, whichever process runs the batches.
 With several workers they are ``mostrecent`` gauges: the worker that answered the last
 scrape wrote the freshest figures.
 """
@@ -42,6 +45,8 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from router.record import Outcome, Record
 
 log = logging.getLogger("routeyard.metrics")
@@ -289,7 +294,8 @@ class Metrics:
             multiprocess_mode="livemostrecent", registry=registry)
         self._series: dict[tuple[str, str, str, str, str], Series] = {}
         self._models: dict[str, ModelSeries] = {}
-        self._batch: BatchSource | None = None
+        self._batch: BatchSource | None = None  # its lines
+        self._database: BatchSource | None = None  # its gauges
         self._line_counters: tuple[Any, ...] = ()
         self._batch_statuses: dict[str, Any] = {}
         self._batch_failing = False
@@ -396,11 +402,17 @@ class Metrics:
                 self.backend_up.remove(key)
 
     # -- batches ---------------------------------------------------------------------------
+    def watch_lines(self, source: BatchSource) -> None:
+        """Export the lines ``source``'s workers run, at each flush (not the database's
+        gauges: ``routeyard batch-worker`` leaves those to the routers)."""
+        self._batch = source
+        self._line_counters = tuple(self.batch_lines.labels(o) for o in LINE_OUTCOMES)
+
     def watch_batches(self, source: BatchSource, statuses: Iterable[str]) -> None:
         """Export ``source``'s figures: its lines at each flush, its gauges at each scrape
         (every status in ``statuses`` is exported, zeros included)."""
-        self._batch = source
-        self._line_counters = tuple(self.batch_lines.labels(o) for o in LINE_OUTCOMES)
+        self.watch_lines(source)
+        self._database = source
         self._batch_statuses = {status: self.batches.labels(status) for status in statuses}
 
     def _sample_lines(self, lines: LineCounts | None) -> None:
@@ -449,10 +461,21 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def render(self) -> bytes:
-        if self._batch is not None:
-            await self._sample_batches(self._batch)
+        if self._database is not None:
+            await self._sample_batches(self._database)
         self.flush()
         return await asyncio.get_running_loop().run_in_executor(None, self.render_now)
+
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """Serve the registry on ``http://host:port/metrics`` from a thread of
+        ``prometheus_client``'s own server, for a process without the Sanic app
+        (``routeyard batch-worker``). A scrape there does not flush: it shows the figures
+        of the last flush (at most ``FLUSH_INTERVAL`` old). ``OSError`` when it cannot
+        listen; ``shutdown()`` the server to stop it."""
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, host, registry=self.registry)
+        return server
 
     def close(self) -> None:
         """At worker stop: flush, then drop this worker's live gauges from the shared files."""

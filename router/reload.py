@@ -29,7 +29,7 @@ from watchfiles import awatch
 from router import snapshot
 from router.config import ConfigError, HealthChecks, OutlierDetection, RoutesConfig, load_file
 from router.discovery import Resolver, apply_limits
-from router.endpoint import EndpointRegistry, Member
+from router.endpoint import Endpoint, EndpointRegistry, Member
 from router.snapshot import Snapshot
 
 log = logging.getLogger("routeyard.reload")
@@ -220,6 +220,13 @@ class ConfigHolder:
 
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
+
+    def sampled(self) -> tuple[Iterable[Endpoint], list[tuple[str, int, int]]]:
+        """What the metrics sample at each flush (``router.metrics.Sources``): every
+        endpoint, and per model its name, queue length and backends that get traffic."""
+        return (self.registry.by_key.values(),
+                [(m.name, len(m.cluster.waiters), m.cluster.up_count())
+                 for m in self.current.models.values()])
 
     def close(self) -> None:
         self.registry.close()

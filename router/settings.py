@@ -72,6 +72,9 @@ class Settings(UpstreamSettings):
     #: Replaces ``batch.database_url`` of the routes file (``router.config`` reads it), so
     #: a database password can come from a Secret rather than routes.yaml.
     batch_database_url: SecretStr | None = None
+    #: ``routeyard batch-worker`` only: serve its Prometheus metrics on this port (on
+    #: ``host``); unset: no metrics port. 0: a free port the kernel picks (logged).
+    batch_worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     #: With ``ROUTEYARD_REDIS_URL``: the most Redis connections each worker process opens
     #: for rate limits (``router.tenants.limits_redis``). Read by ``build_limiter``;
     #: declared here so that a bad value stops ``routeyard serve`` at start.

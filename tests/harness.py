@@ -357,6 +357,17 @@ class FakeEngine(Process):
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+def scrape(url: str, headers: dict[str, str] | None = None) -> Samples:
+    """A Prometheus text page parsed: (sample name, sorted labels) → value."""
+    response = httpx.get(url, timeout=10, headers=headers)
+    assert response.status_code == 200, response.text
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
 class Router(Process):
     """``routeyard serve --config CONFIG`` on a free port, with a client and admin helpers.
 
@@ -457,15 +468,9 @@ class Router(Process):
 
     # -- observability ------------------------------------------------------------------
     def scrape(self) -> Samples:
-        """``GET /metrics`` parsed: (sample name, sorted labels) → value (with the admin key
-        when the router has one: ``/metrics`` needs it under ``auth:``)."""
-        response = httpx.get(f"{self.url}/metrics", timeout=10, headers=self.admin_headers)
-        assert response.status_code == 200, response.text
-        samples = {}
-        for family in text_string_to_metric_families(response.text):
-            for s in family.samples:
-                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return samples
+        """``GET /metrics`` parsed (with the admin key when the router has one:
+        ``/metrics`` needs it under ``auth:``)."""
+        return scrape(f"{self.url}/metrics", self.admin_headers)
 
     def access_lines(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.log_text().splitlines()

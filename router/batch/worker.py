@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 from router.batch.config import BatchConfig
 from router.batch.dispatch import Dispatcher
@@ -18,14 +19,18 @@ log = logging.getLogger("routeyard.batch")
 
 
 async def run_worker(config: BatchConfig, dispatcher: Dispatcher, *, workers: int | None = None,
-                     stop: asyncio.Event | None = None, grace: float = 30.0) -> None:
+                     stop: asyncio.Event | None = None, grace: float = 30.0,
+                     started: Callable[[BatchService], None] | None = None) -> None:
     """Run batch workers in this process until ``stop`` is set (or SIGTERM/SIGINT).
 
-    ``workers`` defaults to ``config.workers`` (at least 1). Call inside the event loop
-    that the dispatcher uses: ``asyncio.run(run_worker(config, dispatcher))``.
+    ``workers`` defaults to ``config.workers`` (at least 1). ``started`` gets the running
+    service (the metrics watch its lines). Call inside the event loop that the dispatcher
+    uses: ``asyncio.run(run_worker(config, dispatcher))``.
     """
     service = BatchService(config)
     await service.start(dispatcher, workers=max(1, config.workers if workers is None else workers))
+    if started is not None:
+        started(service)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

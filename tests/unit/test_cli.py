@@ -39,7 +39,7 @@ def test_top_level_help_lists_every_command() -> None:
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_option_has_help_with_its_default(name: str) -> None:
     parser = subparsers(build_parser())[name]
-    text = parser.format_help()
+    text = " ".join(parser.format_help().split())  # as wrapped at any terminal width
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
@@ -55,6 +55,33 @@ def test_serve_help_names_each_variable_and_its_default() -> None:
                            ("workers", "WORKERS")):
         default = Settings.model_fields[flag].default
         assert f"env ROUTEYARD_{variable}, default {default}" in text
+
+
+def test_batch_worker_help_names_each_variable_and_its_default() -> None:
+    text = " ".join(subparsers(build_parser())["batch-worker"].format_help().split())
+    assert "--metrics-port" in text and "--metrics-host" in text
+    assert "env ROUTEYARD_BATCH_WORKER_METRICS_PORT, default none: no metrics port" in text
+    assert f"env ROUTEYARD_HOST, default {Settings.model_fields['host'].default}" in text
+    assert Settings.model_fields["batch_worker_metrics_port"].default is None
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--metrics-port", "65536"], "--metrics-port 65536: Input should be less than or equal "
+                                  "to 65535"),
+    (["--metrics-port", "-1"], "--metrics-port -1: Input should be greater than or equal to 0"),
+])
+def test_batch_worker_refuses_a_bad_metrics_port_naming_the_flag(
+        args: list[str], line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["batch-worker", *args]) == 2
+    assert capsys.readouterr().err == f"routeyard: {line}\n"
+
+
+def test_batch_worker_refuses_a_bad_metrics_port_setting_naming_the_variable(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ROUTEYARD_BATCH_WORKER_METRICS_PORT", "http")
+    assert main(["batch-worker"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "routeyard: ROUTEYARD_BATCH_WORKER_METRICS_PORT='http': Input should be a valid integer")
 
 
 MODELS = """\

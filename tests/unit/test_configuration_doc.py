@@ -1,8 +1,9 @@
 """docs/configuration.md lists every process setting and every key of routes.yaml.
 
 The settings come from ``router.settings.Settings`` (each field is the environment variable
-``ROUTEYARD_<FIELD>``) and ``routeyard serve``'s flags; the keys from the config models,
-walked recursively from ``router.config.RoutesFile`` (``auth:`` and ``batch:`` included).
+``ROUTEYARD_<FIELD>``) and the flags of ``routeyard serve`` and ``batch-worker``; the keys
+from the config models, walked recursively from ``router.config.RoutesFile`` (``auth:`` and
+``batch:`` included).
 A field missing from the doc fails, and so does a doc row that names no setting or key.
 batch.md's own table of the ``batch:`` keys is held to the same rule.
 """
@@ -78,10 +79,15 @@ def test_every_setting_is_documented_and_every_row_is_a_setting() -> None:
     assert set(documented) - settings - LIBRARY_VARIABLES == set(), "rows naming no setting"
 
 
-def test_every_serve_flag_is_documented(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["serve", "--help"])
-    flags = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out)) - {"--help"}
+def test_every_flag_of_the_settings_is_documented(capsys: pytest.CaptureFixture[str]) -> None:
+    """The table's flags are those of ``serve`` and of ``batch-worker`` together."""
+    flags = set()
+    for each in ("serve", "batch-worker"):
+        with pytest.raises(SystemExit):
+            main([each, "--help"])
+        given = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out)) - {"--help"}
+        assert given, each
+        flags |= given
     documented = set()
     for heading, rows in tables((DOCS / "configuration.md").read_text()):
         if heading == "Process settings":
