@@ -251,7 +251,7 @@ def _single_process_metrics() -> Metrics:
 
     if os.environ.pop(MULTIPROC_ENV, None) is not None:
         log.info("metrics: %s is ignored by batch-worker (one process)", MULTIPROC_ENV)
-    return Metrics()
+    return Metrics(batch_database=False)
 
 
 def _config_loaded(metrics: Metrics, result: str | None, snap: Snapshot) -> None:

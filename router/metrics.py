@@ -29,9 +29,9 @@ A scrape renders in a thread, so the event loop keeps relaying while the files a
 describe the whole database (batches by status, the oldest queued batch's age) are read
 at scrape time from ``BatchSource.gauges`` (``watch_batches``: a bounded query, cached
 briefly by the batch service), so every router process with a ``batch:`` block shows
-them, whichever process runs the batches.
-With several workers they are ``mostrecent`` gauges: the worker that answered the last
-scrape wrote the freshest figures.
+them, whichever process runs the batches; ``routeyard batch-worker``
+(``batch_database=False``) leaves them out. With several workers they are
+``mostrecent`` gauges: the worker that answered the last scrape wrote the freshest figures.
 """
 
 from __future__ import annotations
@@ -201,9 +201,12 @@ class ModelSeries:
 
 
 class Metrics:
-    """Every metric of one worker, its flush, and the scrape."""
+    """Every metric of one worker, its flush, and the scrape.
 
-    def __init__(self) -> None:
+    ``batch_database=False`` leaves out the gauges read from the batch database (for
+    ``routeyard batch-worker``, which leaves them to the routers)."""
+
+    def __init__(self, *, batch_database: bool = True) -> None:
         from prometheus_client import (
             CollectorRegistry,
             Counter,
@@ -280,7 +283,8 @@ class Metrics:
             ["sha256"], multiprocess_mode="livemax", registry=registry)
         self.batches = Gauge(
             "routeyard_batches", "Batches in the batch database by status (read at scrape "
-            "time).", ["status"], multiprocess_mode="livemostrecent", registry=registry)
+            "time).", ["status"], multiprocess_mode="livemostrecent",
+            registry=registry if batch_database else None)
         self.batch_lines = Counter(
             "routeyard_batch_lines", "Batch lines run by the batch workers of this process, by "
             "outcome (completed, failed; retried: an attempt that is tried again).",
@@ -291,7 +295,7 @@ class Metrics:
         self.batch_oldest_queued_age = Gauge(
             "routeyard_batch_oldest_queued_age_seconds", "Age of the oldest unfinished batch "
             "that no worker holds (0 when none waits; read at scrape time).",
-            multiprocess_mode="livemostrecent", registry=registry)
+            multiprocess_mode="livemostrecent", registry=registry if batch_database else None)
         self._series: dict[tuple[str, str, str, str, str], Series] = {}
         self._models: dict[str, ModelSeries] = {}
         self._batch: BatchSource | None = None  # its lines
