@@ -139,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", help="routes file (env ROUTEYARD_CONFIG, default "
                         f"{defaults['config'].default})")
     worker.add_argument("--metrics-port", type=int, dest="batch_worker_metrics_port",
+                        metavar="PORT",
                         help="serve Prometheus metrics on GET /metrics at this port, no auth "
                              "(env ROUTEYARD_BATCH_WORKER_METRICS_PORT, default none: no "
                              "metrics port; 0: a free port, logged)")
-    worker.add_argument("--metrics-host", dest="host",
+    worker.add_argument("--metrics-host", dest="host", metavar="HOST",
                         help="listen address of the metrics port (env ROUTEYARD_HOST, default "
                              f"{defaults['host'].default}; 0.0.0.0 in containers)")
     return parser
