@@ -235,12 +235,12 @@ async def batch_worker(settings: Settings) -> int:
             task.cancel()
         checker.close()
         await proxy.limiter.close()
-        holder.close()
         if metrics is not None:
-            metrics.close()
+            metrics.close()  # the last flush, while the endpoints are still there
         if server is not None:
             server.shutdown()
             server.server_close()
+        holder.close()
     return 0
 
 
