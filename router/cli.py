@@ -320,18 +320,70 @@ def serve_command(settings: Settings) -> int:
             access_log=False,
             motd=False,
         )
-        log.info("serving on http://%s with %d worker(s)", location, settings.workers)
+        serving = f"serving on http://{location} with {settings.workers} worker(s)"
         if settings.workers == 1:
             # One process that owns the listening socket: SIGTERM closes it at once, so
             # new connections are refused while streams in flight finish.
+            app.after_server_start(partial(_stop_signals_handled, serving))
+            _hold_stop_signals()
             Sanic.serve_single(primary=app)
         else:
+            log.info("%s", serving)
+            _shared_state_outlives_stop_signals()
             Sanic.serve(primary=app, app_loader=loader)
     finally:
         sock.close()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _hold_stop_signals() -> None:
+    """Sanic's single process serves before it handles SIGINT and SIGTERM (its handlers
+    come once the socket is served): a Ctrl-C in between was a KeyboardInterrupt
+    traceback, or was lost. Until Sanic's handlers are in, a stop signal is noted, and
+    ``_stop_signals_handled`` stops the server as Sanic's handler would."""
+    _EARLY_STOP.clear()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: _EARLY_STOP.append(signum))
+
+
+#: The stop signals that came before Sanic handled them (``_hold_stop_signals``).
+_EARLY_STOP: list[int] = []
+
+
+async def _stop_signals_handled(serving: str, app: Any) -> None:
+    """Sanic handles the stop signals now: the server is up, and says so."""
+    log.info("%s", serving)
+    if _EARLY_STOP:
+        app.loop.call_soon(partial(app.stop, terminate=False))
+
+
+def _shared_state_outlives_stop_signals() -> None:
+    """With several workers Sanic keeps their states in a ``multiprocessing`` manager
+    process of the same process group: a Ctrl-C (or a SIGTERM to the group) stopped it
+    before the main process had stopped the workers, which then failed with a
+    BrokenPipeError traceback and exit status 1. Here the manager ignores both signals;
+    Sanic shuts it down itself once the workers are gone."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    import sanic.mixins.startup as startup
+
+    def manager() -> SyncManager:
+        shared = SyncManager(ctx=multiprocessing.get_context())
+        shared.start(initializer=_ignore_stop_signals)
+        return shared
+
+    startup.Manager = manager  # type: ignore[attr-defined]
+
+
+def _ignore_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _location(host: str, port: int) -> str:

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import inspect
 import os
+import random
 import re
 import signal as signals
 import socket
@@ -47,6 +48,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports_in_a_row(count: int) -> int:
+    """The first of ``count`` consecutive ports nothing listens on now, below Linux's
+    ephemeral range (so no client connection takes one before it is bound)."""
+    for first in random.sample(range(20_000, 32_000, count + 1), 200):
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + count):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} free ports in a row")
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str,
