@@ -37,6 +37,7 @@ from router.listener import Limits, Listener, configure, connection_limit
 from router.proxy import Proxy, authenticate, new_request_id
 from router.record import Sink
 from router.reload import ConfigHolder
+from router.scraper import Scraper
 from router.settings import Settings
 from router.stored_responses import ResponseIds
 from router.tenants.limits import build_limiter
@@ -59,6 +60,7 @@ class Worker:
     tracing: Tracing | None = None
     sinks: list[Sink]
     checker: HealthChecker
+    scraper: Scraper
     draining = False
 
 
@@ -133,6 +135,8 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
 
             await batch.start(RouterDispatcher(proxy))
         app.add_task(worker.checker.run(), name="routeyard.health")
+        worker.scraper = Scraper(holder.registry.by_key.values)
+        app.add_task(worker.scraper.run(), name="routeyard.scraper")
         app.add_task(holder.refresh_dns(), name="routeyard.dns")
 
     @app.before_server_stop
@@ -145,6 +149,7 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
             await batch.close(grace=settings.graceful_shutdown)
         await proxy.limiter.close()
         worker.checker.close()
+        worker.scraper.close()
         holder.close()
         for sink in (*worker.sinks, worker.tracing):
             close = getattr(sink, "close", None)
