@@ -181,6 +181,9 @@ class PreferredOnRing:
                 return {endpoint: 1.0}
         return {}
 
+    def picked(self, key: str, endpoint: Endpoint) -> None:
+        """The ring is fixed by the members: nothing to learn."""
+
 
 class Scored:
     """``load_aware`` and ``cache_aware``: the candidate with the highest weighted sum of
@@ -202,7 +205,6 @@ class Scored:
         self.explain = explain
         self.clock = clock
         self.offset = 0
-        self.names = {m.endpoint: m.name for m in self.members}
         #: With ``explain``: the endpoint of the last pick and the scores of that pick.
         self.explained: tuple[Endpoint | None, str] = (None, "")
 
@@ -240,14 +242,18 @@ class Scored:
             if self.explain:
                 self.explained = (None, "")
             return None
+        scorer = self.key_scorer if key else None
+        text = key or ""
         if len(candidates) == 1 and not self.explain:
+            if scorer is not None:
+                scorer.picked(text, candidates[0].endpoint)
             return candidates[0].endpoint
         weights = self.weights
         lo_q, hi_q = min(queues), max(queues)
         flights = [m.endpoint.in_flight / m.weight for m in candidates]
         lo_f, hi_f = min(flights), max(flights)
-        keyed = (self.key_scorer.scores(key, [m.endpoint for m in candidates])
-                 if self.key_scorer is not None and key is not None else None)
+        keyed = (scorer.scores(text, [m.endpoint for m in candidates])
+                 if scorer is not None else None)
         best = -1.0
         best_at = 0
         for i, member in enumerate(candidates):
@@ -260,6 +266,8 @@ class Scored:
             if score > best:
                 best, best_at = score, i
         picked = candidates[best_at].endpoint
+        if scorer is not None:
+            scorer.picked(text, picked)
         if self.explain:
             self.explained = (picked, self._explain(candidates, queues, flights, keyed,
                                                     exclude, now))

@@ -15,7 +15,8 @@ candidate in an order that rotates by one every pick, so ties spread. The formul
   ``prefix.chars`` characters, the session id). The one built in
   (``router.balancer.PreferredOnRing``) gives 1 to the candidate the key's consistent hash
   prefers and 0 to the others; a prefix-cache index may give matched blocks / prompt
-  blocks instead, through the same protocol.
+  blocks instead, through the same protocol (``picked`` tells it where each keyed request
+  went).
 
 ``saturated`` is the rule that keeps a full engine out while another has room.
 """
@@ -62,6 +63,11 @@ class KeyScorer(Protocol[E]):
 
     def scores(self, key: str, candidates: Sequence[E]) -> Mapping[E, float]:
         """0..1 per candidate; a candidate left out scores 0."""
+        ...
+
+    def picked(self, key: str, endpoint: E) -> None:
+        """The request with ``key`` went to ``endpoint`` (an index built from the router's
+        own routing history learns here)."""
         ...
 
 

@@ -16,7 +16,7 @@ from router.config import OutlierDetection
 from router.endpoint import Endpoint, Member
 from router.engine_load import EngineLoad, EngineReading
 from router.errors import QueueTimeout
-from router.scoring import Thresholds, kv_cache_score, saturated, spread
+from router.scoring import Thresholds, Weights, kv_cache_score, saturated, spread
 from tests.unit.fleet_core import eject, endpoints, model_config, registry
 
 
@@ -306,3 +306,32 @@ async def test_a_lease_carries_the_backends_name_and_with_explain_its_scores() -
     lease = plain.lease(None, set())
     async with lease:
         assert lease.explain == ()
+
+
+class Index:
+    """A KeyScorer standing in for a prefix-cache index: fixed values, and what it learned."""
+
+    def __init__(self, values: dict[Endpoint, float]) -> None:
+        self.values = values
+        self.learned: list[tuple[str, Endpoint]] = []
+
+    def scores(self, key: str, candidates: Any) -> dict[Endpoint, float]:
+        return {e: v for e, v in self.values.items() if e in candidates}
+
+    def picked(self, key: str, endpoint: Endpoint) -> None:
+        self.learned.append((key, endpoint))
+
+
+def test_any_key_scorer_fills_the_prefix_slot_and_learns_each_pick() -> None:
+    clock = Clock()
+    a, b, c = endpoints(registry(), 3)
+    for e in (a, b, c):
+        read(e, clock)
+    index = Index({b: 0.5, c: 0.9})
+    balancer = Scored(named([a, b, c]), Weights(2, 2, 1, 3), Thresholds(5, 0.9, 0.5), index,
+                      clock=clock)
+    assert balancer.pick("prompt", set()) is c
+    assert balancer.pick(None, set()) is not None  # no key: nothing scored, nothing learned
+    read(c, clock, running=10)  # c busier: 0 + 2 + 1 + 2.7 = 5.7 < 2 + 2 + 1 + 1.5 = 6.5
+    assert balancer.pick("prompt", set()) is b
+    assert index.learned == [("prompt", c), ("prompt", b)]
