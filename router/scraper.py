@@ -11,8 +11,11 @@ endpoint's health (health checks decide that).
 
 Per worker, not per process: each worker credits its own dispatches between scrapes
 (``EngineLoad.base``), which needs a reading taken against its own in-flight count. The
-cost is about one small HTTP exchange plus a parse (``router.engine_load``) per scrape:
-``workers * backends / interval`` scrapes a second.
+cost is one HTTP exchange over a kept-alive connection plus a parse
+(``router.engine_load``) per scrape, ``workers * backends / interval`` scrapes a second:
+about 190 µs of CPU per scrape of the benchmark engine's 17 KB body on this machine kind,
+so 0.1 % of a core per backend and worker at the default 200 ms (8 backends and 4 workers:
+3 %).
 """
 
 from __future__ import annotations
