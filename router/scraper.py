@@ -13,7 +13,7 @@ Per worker, not per process: each worker credits its own dispatches between scra
 (``EngineLoad.base``), which needs a reading taken against its own in-flight count. The
 cost is one HTTP exchange over a kept-alive connection plus a parse
 (``router.engine_load``) per scrape, ``workers * backends / interval`` scrapes a second:
-about 190 µs of CPU per scrape of the benchmark engine's 17 KB body on this machine kind,
+about 190 µs of CPU per scrape of the benchmark engine's 24 KB body on this machine kind,
 so 0.1 % of a core per backend and worker at the default 200 ms (8 backends and 4 workers:
 3 %).
 """
