@@ -241,14 +241,16 @@ class Cluster:
                 waiter.set_result(None)
                 return
 
-    def explanation(self, endpoint: Endpoint) -> tuple[tuple[bytes, bytes], ...]:
-        """The answer headers that explain a scored pick of ``endpoint``: its name, and the
-        scores of the pick with ``scoring.explain`` (when the balancer made this pick)."""
+    def explanation(self, endpoint: Endpoint,
+                    by_balancer: bool = True) -> tuple[tuple[bytes, bytes], ...]:
+        """The answer headers that explain a scored pick of ``endpoint``: its name, and,
+        with ``scoring.explain``, the scores of the balancer's pick just made
+        (``by_balancer``; False: a placement chose it, and there are no scores)."""
         header = self.backend_headers.get(endpoint)
         if header is None:
             return ()
         scored = self.scored
-        if scored is not None and scored.explain:
+        if by_balancer and scored is not None and scored.explain:
             picked, text = scored.explained
             if picked is endpoint and text:
                 return header, (b"x-routeyard-scores", text.encode())
@@ -354,6 +356,7 @@ class Lease:
         endpoint = None
         if self.prefer is not None:
             endpoint = cluster.try_acquire_member(self.prefer, self.exclude)
+        placed = endpoint is not None
         if endpoint is None:
             endpoint = cluster.try_acquire(self.key, self.exclude)
         if endpoint is None:
@@ -365,7 +368,7 @@ class Lease:
                     self.waited = perf_counter() - start
         self.endpoint = endpoint
         if cluster.backend_headers:
-            self.explain = cluster.explanation(endpoint)
+            self.explain = cluster.explanation(endpoint, not placed)
         return endpoint
 
     async def __aexit__(self, exc_type: type[BaseException] | None,

@@ -335,3 +335,20 @@ def test_any_key_scorer_fills_the_prefix_slot_and_learns_each_pick() -> None:
     read(c, clock, running=10)  # c busier: 0 + 2 + 1 + 2.7 = 5.7 < 2 + 2 + 1 + 1.5 = 6.5
     assert balancer.pick("prompt", set()) is b
     assert index.learned == [("prompt", c), ("prompt", b)]
+
+
+async def test_a_placed_lease_names_its_backend_without_someone_elses_scores() -> None:
+    a, b = endpoints(registry(), 2)
+    clock = Clock()
+    config = model_config(policy="load_aware", scoring={"explain": True})
+    cluster = Cluster(config, named([a, b]), OutlierDetection())
+    cluster.balancer = cluster.scored = make_balancer(  # type: ignore[assignment]
+        config, cluster.routable, clock)
+    read(a, clock)
+    read(b, clock, running=5)
+    async with cluster.lease(None, set()) as endpoint:
+        assert endpoint is a  # the balancer's pick: scores of a
+    lease = cluster.lease(None, set(), prefer=a.key)
+    async with lease as endpoint:
+        assert endpoint is a
+        assert lease.explain == ((b"x-routeyard-backend", b"0"),)
