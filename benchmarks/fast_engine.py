@@ -9,6 +9,10 @@ Raw asyncio Protocol + httptools + uvloop; every response is prebuilt bytes. It 
   and the rest one per shared tick of that length (like a decoding engine).
 - ``POST /v1/completions``: the same, shaped as ``text_completion``.
 - ``GET /health`` (200, empty body, like vLLM) and ``GET /v1/models``.
+- ``GET /metrics``: a fixed Prometheus body with vLLM's series names (an idle engine:
+  nothing running or waiting, the KV cache empty) and its histogram layout, about the
+  size of a real engine's, so the scored policies' scrapes read what they would in
+  production.
 - ``POST /v1/traces``: an OTLP/HTTP collector that keeps nothing (200, empty
   ``ExportTraceServiceResponse``), so the benchmark's tracing row exports real spans;
   ``GET /_stats`` counts the exports received (``{"trace_exports": N}``).
@@ -111,6 +115,25 @@ _SSE_HEAD = (b"HTTP/1.1 200 OK\r\nserver: fast-engine\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
+def _metrics() -> bytes:
+    """An idle vLLM engine's ``/metrics``: its three load series, then histograms."""
+    labels = f'engine="0",model_name="{MODEL}"'
+    lines = [f"# HELP vllm:{name} {name}.\n# TYPE vllm:{name} gauge\nvllm:{name}{{{labels}}} 0.0"
+             for name in ("num_requests_running", "num_requests_waiting",
+                          "kv_cache_usage_perc")]
+    buckets = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+               5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0, "+Inf")
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                 "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "request_prompt_tokens",
+                 "request_generation_tokens", "iteration_tokens_total"):
+        lines.append(f"# HELP vllm:{name} {name}.\n# TYPE vllm:{name} histogram")
+        lines += [f'vllm:{name}_bucket{{{labels},le="{b}"}} 0.0' for b in buckets]
+        lines += [f"vllm:{name}_count{{{labels}}} 0.0", f"vllm:{name}_sum{{{labels}}} 0.0"]
+    return ("\n".join(lines) + "\n").encode()
+
+
 @dataclass(frozen=True)
 class Replies:
     """Every byte string the engine ever sends, built once at start."""
@@ -118,6 +141,7 @@ class Replies:
     chat: bytes
     completion: bytes
     health: bytes
+    metrics: bytes
     models: bytes
     not_found: bytes
     bad_request: bytes
@@ -134,6 +158,7 @@ class Replies:
             chat=_fixed("200 OK", "application/json", _chat_completion()),
             completion=_fixed("200 OK", "application/json", _text_completion()),
             health=_fixed("200 OK", "application/json", b""),
+            metrics=_fixed("200 OK", "text/plain; version=0.0.4; charset=utf-8", _metrics()),
             models=_fixed("200 OK", "application/json", models),
             not_found=_fixed("404 Not Found", "application/json", err),
             bad_request=_fixed("400 Bad Request", "text/plain", b"bad request", False),
@@ -269,6 +294,8 @@ class EngineProtocol(asyncio.Protocol):
             transport.write(r.chat if chat else r.completion)
         elif method == b"GET" and path == b"/health":
             transport.write(r.health)
+        elif method == b"GET" and path == b"/metrics":
+            transport.write(r.metrics)
         elif method == b"POST" and path == b"/v1/traces":
             STATS["trace_exports"] += 1
             transport.write(r.traces_accepted)

@@ -166,6 +166,30 @@ def _sse(res: Results) -> list[str]:
     return _table(["target", "chunks/s", "spread", "x direct", "CPU µs/chunk", "errors"], rows)
 
 
+#: The issue's limit on the CPU ``load_aware`` adds per request, against round robin.
+SCORED_LIMIT_US = {"routeyard[load_aware]": 15.0}
+BASE = "routeyard"
+
+
+def _scored(res: Results, scored: list[str], conns: tuple[int, ...]) -> list[str]:
+    """Per scored row and connection count: CPU per request, and what it adds over the
+    plain routeyard row (round robin) in the same rounds."""
+    rows = []
+    for t in scored:
+        for c in conns:
+            r, base = res.chat.get((t, c), []), res.chat.get((BASE, c), [])
+            if not r:
+                continue
+            added = paired(r, base, _cpu, diff)
+            limit = SCORED_LIMIT_US.get(t)
+            verdict = "" if limit is None else (
+                "n/a" if math.isnan(added) else "PASS" if added <= limit else "MISS")
+            rows.append([t, str(c), _f(median_of(r, _cpu), 1), _signed(added, 1),
+                         f"≤ {limit:g}" if limit is not None else "-", verdict or "-"])
+    return _table(["target", "conns", "CPU µs/req", "added µs/req vs routeyard", "limit",
+                   "PASS/MISS"], rows)
+
+
 def _memory(res: Results) -> list[str]:
     rows = [[t, f"{a / 1024:.1f}", f"{b / 1024:.1f}", f"{(b - a) / 1024:+.1f}"]
             for t, (a, b) in res.rss_kb.items()]
@@ -174,8 +198,9 @@ def _memory(res: Results) -> list[str]:
 
 def render(res: Results, info: dict[str, str], settings: dict[str, str],
            judged: list[str], chat_conns: tuple[int, ...], stream_conns: tuple[int, ...],
-           sse_streams: int) -> str:
-    """The whole report: machine and settings, goals, one table per scenario, memory."""
+           sse_streams: int, scored: list[str] | None = None) -> str:
+    """The whole report: machine and settings, goals, one table per scenario, the scored
+    policies' cost, memory."""
     out = ["# routeyard benchmark", ""]
     out += [f"- **{k}**: {v}" for k, v in {**info, **settings}.items()]
     out += ["", "Every figure is the median over rounds; *added* and *x direct* are medians of "
@@ -187,6 +212,9 @@ def render(res: Results, info: dict[str, str], settings: dict[str, str],
             *_chat(res, chat_conns)]
     out += ["", "## Streaming chat (20 chunks + [DONE])", "", *_stream(res, stream_conns)]
     out += ["", f"## SSE relay, {sse_streams} concurrent streams", "", *_sse(res)]
+    if scored:
+        out += ["", "## Scored policies: CPU per request against round robin "
+                "(non-streaming chat)", "", *_scored(res, scored, chat_conns)]
     out += ["", "## Memory (VmRSS of the server's process tree, before → after streaming)", "",
             *_memory(res)]
     if res.failures:

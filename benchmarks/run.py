@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="routeyard with extra environment, e.g. tracing='ROUTEYARD_TRACING=1'")
     p.add_argument("--no-observability", action="store_true",
                    help="leave out the routeyard[metrics off] and routeyard[tracing on] rows")
+    p.add_argument("--no-policies", action="store_true",
+                   help="leave out the routeyard[load_aware] and routeyard[cache_aware] rows")
     p.add_argument("--router-cmd", default=ROUTEYARD_CMD,
                    help="routeyard command template ({config} {port} {workers} {upstream})")
     p.add_argument("--scaling-workers", type=int, default=2,
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         targets = build(None if args.no_routeyard else args.router_cmd, args.variant,
-                        args.peer, args.scaling_workers, not args.no_observability)
+                        args.peer, args.scaling_workers, not args.no_observability,
+                        not args.no_policies)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     with Supervisor(log_dir) as sup:
         engine = start_engine(sup, targets[0], place, args.chunk_delay_ms,
                               args.startup_timeout)
-        routes = write_routes(log_dir / "config", engine.port)
+        routes = {policy: write_routes(log_dir / "config", engine.port, policy)
+                  for policy in {t.policy for t in targets}}
         script = wrk.write_script(log_dir / "chat.lua", wrk.chat_body(MODEL))
         live = start_targets(sup, targets, engine, place, routes, args.startup_timeout,
                              res.failures)
@@ -214,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         "logs": str(log_dir),
     }
     judged = [t.name for t in targets if not t.is_direct and t.judged and t.name in res.targets]
+    scored = [t.name for t in targets if t.policy != "round_robin" and t.name in res.targets]
     text = report.render(res, report.machine(), settings, judged, CHAT_CONNS, STREAM_CONNS,
-                         SSE_STREAMS)
+                         SSE_STREAMS, scored)
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -38,8 +38,10 @@ def start_engine(sup: Supervisor, direct: Target, place: Placement, chunk_delay_
 
 
 def start_targets(sup: Supervisor, targets: list[Target], engine: Live, place: Placement,
-                  routes: Path, timeout: float, failures: dict[str, str]) -> list[Live]:
-    """Start each proxy and wait for its ``/health``; one that fails is noted and skipped."""
+                  routes: dict[str, Path], timeout: float,
+                  failures: dict[str, str]) -> list[Live]:
+    """Start each proxy (on the routes file of its policy) and wait for its ``/health``; one
+    that fails is noted and skipped."""
     upstream = f"http://{HOST}:{engine.port}"
     live = [engine]
     for t in targets:
@@ -49,7 +51,8 @@ def start_targets(sup: Supervisor, targets: list[Target], engine: Live, place: P
         cpus = place.proxy if t.pinned else place.all_cpus
         name = t.name.replace(" ", "_").replace("/", "_")
         try:
-            proc = sup.start(name, t.argv(port, upstream, routes), t.environment(upstream), cpus)
+            proc = sup.start(name, t.argv(port, upstream, routes[t.policy]),
+                             t.environment(upstream), cpus)
         except (OSError, ValueError, KeyError, IndexError) as exc:
             failures[t.name] = f"could not start: {exc!r}"
             log(f"{t.name}: could not start: {exc!r}")

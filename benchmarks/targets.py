@@ -29,6 +29,9 @@ OBSERVABILITY_VARIANTS = (
 )
 ROUTEYARD_CMD = ("routeyard serve --config {config} --host 127.0.0.1 --port {port} "
                  "--workers {workers}")
+#: Rows every run has for the policies that route on the engines' ``/metrics``: their
+#: added CPU per request is read against the plain (round robin) row of the same run.
+SCORED_POLICIES = ("load_aware", "cache_aware")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class Target:
     workers: int = 1
     pinned: bool = True
     judged: bool = True  # compared against the targets (one core, one worker)
+    #: The routes file's balancing policy (each policy gets a routes file of its own).
+    policy: str = "round_robin"
 
     def environment(self, upstream: str) -> dict[str, str]:
         """``env`` with ``{upstream}`` (the engine's URL) filled in."""
@@ -97,9 +102,11 @@ def parse_env(text: str, flag: str) -> dict[str, str]:
 
 
 def build(router_cmd: str | None, variants: list[str], peers: list[str],
-          scaling_workers: int, observability: bool = True) -> list[Target]:
+          scaling_workers: int, observability: bool = True,
+          policies: bool = True) -> list[Target]:
     """Direct first, then routeyard, the metrics and tracing rows (``observability``), the
-    ``--variant`` rows, the scaling row, then peers.
+    scored policies' rows (``policies``), the ``--variant`` rows, the scaling row, then
+    peers.
 
     ``router_cmd`` None leaves routeyard out (engine and peers only). Only the plain
     routeyard row and ``--variant`` rows are judged against the goals.
@@ -111,6 +118,9 @@ def build(router_cmd: str | None, variants: list[str], peers: list[str],
             name, env_text = parse_assignment(spec, "--variant")
             targets.append(Target(f"routeyard[{name}]", router_cmd, judged=False,
                                   env=parse_env(env_text, "--variant")))
+        for policy in SCORED_POLICIES if policies else ():
+            targets.append(Target(f"routeyard[{policy}]", router_cmd, judged=False,
+                                  policy=policy))
         for spec in variants:
             name, env_text = parse_assignment(spec, "--variant")
             targets.append(Target(f"routeyard[{name}]", router_cmd,
@@ -130,17 +140,19 @@ def build(router_cmd: str | None, variants: list[str], peers: list[str],
     return targets
 
 
-def write_routes(directory: Path, engine_port: int) -> Path:
-    """The routeyard config: one model, one backend, chat and completions enabled.
+def write_routes(directory: Path, engine_port: int, policy: str = "round_robin") -> Path:
+    """The routeyard config: one model, one backend, chat and completions enabled, with
+    ``policy`` (a scored one reads the engine's ``/metrics`` at its default interval).
 
     It gets a directory of its own: routeyard watches the config's directory for hot
     reload, and server logs written next to it would trigger a reload on every write.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "routes.yaml"
+    path = directory / ("routes.yaml" if policy == "round_robin" else f"routes-{policy}.yaml")
     path.write_text(
         "models:\n"
         f"  {MODEL}:\n"
+        f"    policy: {policy}\n"
         "    backends:\n"
         f"      - url: http://127.0.0.1:{engine_port}\n"
         "    endpoints: [chat, completions]\n"

@@ -39,6 +39,7 @@ from router.listener import Limits, Listener, configure, connection_limit
 from router.proxy import Proxy, authenticate, new_request_id
 from router.record import Sink
 from router.reload import ConfigHolder
+from router.scraper import Scraper
 from router.settings import Settings
 from router.stored_responses import ResponseIds
 from router.tenants.errors import AdminKeyRequired, InvalidApiKey
@@ -62,6 +63,7 @@ class Worker:
     tracing: Tracing | None = None
     sinks: list[Sink]
     checker: HealthChecker
+    scraper: Scraper
     draining = False
     #: The worker's background loops (watch, health checks, DNS), cancelled at stop.
     #: Not ``app.add_task``: Sanic logs a warning for each of its tasks it cancels.
@@ -150,7 +152,8 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
                 from router.batch.models import STATUSES
 
                 metrics.watch_batches(batch, STATUSES)
-        worker.run(app.loop, worker.checker.run(), holder.refresh_dns(),
+        worker.scraper = Scraper(holder.registry.by_key.values)
+        worker.run(app.loop, worker.checker.run(), worker.scraper.run(), holder.refresh_dns(),
                    *([holder.watch()] if settings.watch else []))
 
     @app.before_server_stop
@@ -164,6 +167,7 @@ def create_app(settings: Settings | None = None) -> DefaultSanic:
             await batch.close(grace=settings.graceful_shutdown)
         await proxy.limiter.close()
         worker.checker.close()
+        worker.scraper.close()
         holder.close()
         for sink in (*worker.sinks, worker.tracing):
             close = getattr(sink, "close", None)

@@ -13,6 +13,10 @@ and is not in ``exclude`` (those already tried by this request), or None.
   prefix reach the replica that has it in vLLM's prefix cache, with a bounded-load rule
   (no endpoint takes more than ``load_factor`` times the mean load) so a hot prefix
   cannot overload one replica.
+- ``load_aware`` and ``cache_aware``: the highest weighted sum of scores over the engines'
+  own state (``Scored``; the scorers and their formulas are in ``router.scoring``), never
+  a saturated backend while another is below the thresholds, ``least_request`` when every
+  candidate's reading is stale.
 """
 
 from __future__ import annotations
@@ -20,8 +24,19 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
+
+from router.config import SCORED
+from router.scoring import (
+    KeyScorer,
+    Thresholds,
+    Weights,
+    kv_cache_score,
+    saturated,
+    spread,
+)
 
 if TYPE_CHECKING:
     from router.config import ModelConfig
@@ -153,7 +168,156 @@ class BoundedPrefix(HashRing):
         return self.fallback.pick(None, exclude)
 
 
-def make_balancer(config: ModelConfig, members: Sequence[Member]) -> Balancer:
+class PreferredOnRing:
+    """The ``KeyScorer`` built in: 1 for the candidate the key's consistent hash prefers
+    (the first candidate clockwise from the key on the ring), 0 for the others."""
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        self.ring = HashRing(members, RoundRobin(members))
+
+    def scores(self, key: str, candidates: Sequence[Endpoint]) -> Mapping[Endpoint, float]:
+        for endpoint in self.ring.walk(key):
+            if endpoint in candidates:
+                return {endpoint: 1.0}
+        return {}
+
+    def picked(self, key: str, endpoint: Endpoint) -> None:
+        """The ring is fixed by the members: nothing to learn."""
+
+
+class Scored:
+    """``load_aware`` and ``cache_aware``: the candidate with the highest weighted sum of
+    scores (``router.scoring``), ties to the first in an order that rotates every pick.
+
+    Candidates are the usable members (up, with capacity, not tried) whose engine reading
+    is fresh (at most ``max_age`` old) and not saturated. None left: while some are
+    saturated (a stale reading counts as saturated), None, so the request waits in the
+    model's queue; when every usable member is stale, ``least_request`` picks."""
+
+    def __init__(self, members: Sequence[Member], weights: Weights, thresholds: Thresholds,
+                 key_scorer: KeyScorer[Endpoint] | None, explain: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.members = tuple(members)
+        self.fallback = LeastRequest(members)
+        self.weights = weights
+        self.thresholds = thresholds
+        self.key_scorer = key_scorer if weights.key else None
+        self.explain = explain
+        self.clock = clock
+        self.offset = 0
+        #: With ``explain``: the endpoint of the last pick and the scores of that pick.
+        self.explained: tuple[Endpoint | None, str] = (None, "")
+
+    def pick(self, key: str | None, exclude: set[Endpoint]) -> Endpoint | None:
+        members = self.members
+        n = len(members)
+        if not n:
+            return None
+        now = self.clock()
+        thresholds = self.thresholds
+        max_age = thresholds.max_age
+        self.offset = start = (self.offset + 1) % n
+        candidates: list[Member] = []
+        queues: list[int] = []
+        stale = full = 0
+        for j in range(n):
+            member = members[(start + j) % n]
+            endpoint = member.endpoint
+            if not _usable(endpoint, exclude):
+                continue
+            load = endpoint.load
+            if not load.fresh(now, max_age):
+                stale += 1
+            elif saturated(load, thresholds):
+                full += 1
+            else:
+                candidates.append(member)
+                queues.append(load.queue(endpoint.in_flight))
+        if not candidates:
+            if stale and not full:
+                picked = self.fallback.pick(None, exclude)
+                if self.explain:
+                    self.explained = (picked, "every reading stale: least_request")
+                return picked
+            if self.explain:
+                self.explained = (None, "")
+            return None
+        scorer = self.key_scorer if key else None
+        text = key or ""
+        if len(candidates) == 1 and not self.explain:
+            if scorer is not None:
+                scorer.picked(text, candidates[0].endpoint)
+            return candidates[0].endpoint
+        weights = self.weights
+        lo_q, hi_q = min(queues), max(queues)
+        flights = [m.endpoint.in_flight / m.weight for m in candidates]
+        lo_f, hi_f = min(flights), max(flights)
+        keyed = (scorer.scores(text, [m.endpoint for m in candidates])
+                 if scorer is not None else None)
+        best = -1.0
+        best_at = 0
+        for i, member in enumerate(candidates):
+            endpoint = member.endpoint
+            score = (weights.queue * spread(queues[i], lo_q, hi_q)
+                     + weights.kv_cache * kv_cache_score(endpoint.load.kv_cache)
+                     + weights.in_flight * spread(flights[i], lo_f, hi_f))
+            if keyed:
+                score += weights.key * keyed.get(endpoint, 0.0)
+            if score > best:
+                best, best_at = score, i
+        picked = candidates[best_at].endpoint
+        if scorer is not None:
+            scorer.picked(text, picked)
+        if self.explain:
+            self.explained = (picked, self._explain(candidates, queues, flights, keyed,
+                                                    exclude, now))
+        return picked
+
+    def _explain(self, candidates: list[Member], queues: list[int], flights: list[float],
+                 keyed: Mapping[Endpoint, float] | None, exclude: set[Endpoint],
+                 now: float) -> str:
+        """Each candidate's scores, best first, then the members left out and why:
+        ``0 total=4.50 queue=1.00 kv_cache=0.75 in_flight=1.00 key=0.00; 1 saturated``."""
+        weights = self.weights
+        lo_q, hi_q = min(queues), max(queues)
+        lo_f, hi_f = min(flights), max(flights)
+        rows = []
+        for i, member in enumerate(candidates):
+            endpoint = member.endpoint
+            parts = (spread(queues[i], lo_q, hi_q), kv_cache_score(endpoint.load.kv_cache),
+                     spread(flights[i], lo_f, hi_f),
+                     keyed.get(endpoint, 0.0) if keyed else 0.0)
+            total = sum(w * p for w, p in zip(weights, parts, strict=True))
+            rows.append((-total, i, f"{member.name} total={total:.2f} queue={parts[0]:.2f} "
+                         f"kv_cache={parts[1]:.2f} in_flight={parts[2]:.2f} "
+                         f"key={parts[3]:.2f}"))
+        text = [row for _, _, row in sorted(rows)]
+        chosen = {m.endpoint for m in candidates}
+        for member in self.members:
+            endpoint = member.endpoint
+            if endpoint in chosen:
+                continue
+            if not _usable(endpoint, exclude):
+                why = "unavailable"
+            elif not endpoint.load.fresh(now, self.thresholds.max_age):
+                why = "stale"
+            else:
+                why = "saturated"
+            text.append(f"{member.name} {why}")
+        return "; ".join(text)
+
+
+def make_balancer(config: ModelConfig, members: Sequence[Member],
+                  clock: Callable[[], float] = time.monotonic) -> Balancer:
+    if config.policy in SCORED:
+        scoring = config.scoring
+        w = scoring.weights
+        key_weight = w.prefix if config.policy == "cache_aware" else w.session
+        thresholds = Thresholds(scoring.saturation.queue, scoring.saturation.kv_cache,
+                                config.engine_metrics.max_age)
+        return Scored(members, Weights(w.queue, w.kv_cache, w.in_flight, key_weight),
+                      thresholds, PreferredOnRing(members) if key_weight else None,
+                      scoring.explain, clock)
     if config.policy == "least_request":
         return LeastRequest(members)
     if config.policy == "session":

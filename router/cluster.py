@@ -50,8 +50,8 @@ from collections.abc import Iterable
 from time import perf_counter
 from types import TracebackType
 
-from router.balancer import Balancer, make_balancer
-from router.config import ModelConfig, OutlierDetection
+from router.balancer import Balancer, Scored, make_balancer
+from router.config import SCORED, ModelConfig, OutlierDetection
 from router.endpoint import Endpoint, Member
 from router.errors import NoHealthyBackend, QueueTimeout
 
@@ -84,6 +84,10 @@ class Cluster:
         #: Too few members in rotation: their ejections are waived (module docstring).
         self.panic = False
         self.balancer: Balancer = make_balancer(config, ())
+        #: The scored balancer (``load_aware``, ``cache_aware``), whose picks are explained
+        #: to the client: ``x-routeyard-backend`` per member, made once.
+        self.scored: Scored | None = None
+        self.backend_headers: dict[Endpoint, tuple[bytes, bytes]] = {}
         self.set_members(members)
 
     @property
@@ -110,6 +114,10 @@ class Cluster:
         self.unserved = unserved
         self.routable = tuple(m for m in self.members if m.endpoint not in unserved)
         self.balancer = make_balancer(self.config, self.routable)
+        self.scored = self.balancer if isinstance(self.balancer, Scored) else None
+        if self.config.policy in SCORED:
+            self.backend_headers = {m.endpoint: (b"x-routeyard-backend", m.name.encode())
+                                    for m in self.members}
 
     def served_changed(self, endpoint: Endpoint) -> None:
         """``endpoint``'s engine listed its models anew: route to it for this model, or
@@ -233,6 +241,21 @@ class Cluster:
                 waiter.set_result(None)
                 return
 
+    def explanation(self, endpoint: Endpoint,
+                    by_balancer: bool = True) -> tuple[tuple[bytes, bytes], ...]:
+        """The answer headers that explain a scored pick of ``endpoint``: its name, and,
+        with ``scoring.explain``, the scores of the balancer's pick just made
+        (``by_balancer``; False: a placement chose it, and there are no scores)."""
+        header = self.backend_headers.get(endpoint)
+        if header is None:
+            return ()
+        scored = self.scored
+        if by_balancer and scored is not None and scored.explain:
+            picked, text = scored.explained
+            if picked is endpoint and text:
+                return header, (b"x-routeyard-scores", text.encode())
+        return (header,)
+
     # -- reports from the relay -------------------------------------------------------
     def succeeded(self, endpoint: Endpoint) -> None:
         endpoint.health.request_succeeded()
@@ -295,7 +318,7 @@ class Cluster:
         backends = []
         for m in self.members:
             endpoint = m.endpoint
-            view = {**endpoint.describe(), "weight": m.weight,
+            view = {"name": m.name, **endpoint.describe(), "weight": m.weight,
                     "model_served": None if endpoint.engine.served is None
                     else endpoint not in self.unserved}
             if endpoint in self.unserved:
@@ -313,7 +336,8 @@ def _time_up(waiter: asyncio.Future[None]) -> None:
 class Lease:
     """One request's hold on one endpoint of a cluster (``Cluster.lease``)."""
 
-    __slots__ = ("cluster", "endpoint", "exclude", "key", "prefer", "queued", "waited")
+    __slots__ = ("cluster", "endpoint", "exclude", "explain", "key", "prefer", "queued",
+                 "waited")
 
     def __init__(self, cluster: Cluster, key: str | None, exclude: set[Endpoint],
                  prefer: str | None) -> None:
@@ -324,12 +348,15 @@ class Lease:
         #: Whether this lease waited in the model's queue, and for how many seconds.
         self.queued = False
         self.waited = 0.0
+        #: Answer headers that explain the pick (scored policies only).
+        self.explain: tuple[tuple[bytes, bytes], ...] = ()
 
     async def __aenter__(self) -> Endpoint:
         cluster = self.cluster
         endpoint = None
         if self.prefer is not None:
             endpoint = cluster.try_acquire_member(self.prefer, self.exclude)
+        placed = endpoint is not None
         if endpoint is None:
             endpoint = cluster.try_acquire(self.key, self.exclude)
         if endpoint is None:
@@ -340,6 +367,8 @@ class Lease:
                 if self.queued:
                     self.waited = perf_counter() - start
         self.endpoint = endpoint
+        if cluster.backend_headers:
+            self.explain = cluster.explanation(endpoint, not placed)
         return endpoint
 
     async def __aexit__(self, exc_type: type[BaseException] | None,

@@ -157,11 +157,63 @@ class OutlierDetection(_Strict):
     uneject_on_health_check: bool = True
 
 
-Policy = Literal["round_robin", "least_request", "session", "prefix"]
+class EngineMetrics(_Strict):
+    """Reading each backend's ``GET /metrics`` (vLLM's Prometheus text) on an interval, for
+    the scored policies (``router.scraper``, ``docs/routing.md``)."""
+
+    #: None: on for ``load_aware`` and ``cache_aware``, off for the other policies; true:
+    #: also for those (the admin view shows the engines' state); false: never (refused
+    #: with a scored policy, which would have nothing to read).
+    enabled: bool | None = None
+    path: str = Field(default="/metrics", pattern=r"^/[!-~]*$")
+    interval: Duration = 0.2
+    #: Each phase of one scrape (connect, first byte, between chunks).
+    timeout: Duration = 0.2
+    #: A reading older than this counts as saturated.
+    max_age: Duration = 0.5
+
+
+class Saturation(_Strict):
+    """Past either threshold a backend is not picked while another is below both."""
+
+    #: The engine's waiting requests (``vllm:num_requests_waiting``).
+    queue: int = Field(default=5, ge=1)
+    #: The engine's KV-cache use (``vllm:kv_cache_usage_perc``), 0..1.
+    kv_cache: float = Field(default=0.9, gt=0.0, le=1.0)
+
+
+class ScorerWeights(_Strict):
+    """The weight of each scorer (0 turns it off); ``docs/routing.md`` has the formulas."""
+
+    queue: float = Field(default=2.0, ge=0.0)
+    kv_cache: float = Field(default=2.0, ge=0.0)
+    in_flight: float = Field(default=1.0, ge=0.0)
+    #: ``cache_aware`` only.
+    prefix: float = Field(default=3.0, ge=0.0)
+    #: ``load_aware`` only (its key is then the session's).
+    session: float = Field(default=0.0, ge=0.0)
+
+
+class Scoring(_Strict):
+    """How ``load_aware`` and ``cache_aware`` score backends."""
+
+    weights: ScorerWeights = ScorerWeights()
+    saturation: Saturation = Saturation()
+    #: Also send ``x-routeyard-scores`` (each candidate's scores) with every answer.
+    explain: bool = False
+
+
+Policy = Literal["round_robin", "least_request", "session", "prefix", "load_aware",
+                 "cache_aware"]
+#: The policies that score backends on the engines' own state.
+SCORED = frozenset({"load_aware", "cache_aware"})
 
 
 class Backend(_Strict):
     url: str
+    #: How the router names this backend to clients (``x-routeyard-backend``) and in the
+    #: admin view; default its position in the model's list.
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     weight: int = Field(default=1, ge=1, le=1000)
     max_in_flight: int | None = Field(default=None, ge=1)
     discovery: Literal["static", "dns"] = "static"
@@ -214,11 +266,23 @@ class ModelSpec(_Strict):
     policy: Policy | None = None
     session: SessionPolicy | None = None
     prefix: PrefixPolicy | None = None
+    engine_metrics: EngineMetrics | None = None
+    scoring: Scoring | None = None
     max_in_flight: int | None = Field(default=None, ge=1)
     timeouts: Timeouts | None = None
     retries: Retries | None = None
     queue: Queue | None = None
     max_body_size: Size | None = None
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_names(cls, backends: list[Backend]) -> list[Backend]:
+        names = [b.name or str(i) for i, b in enumerate(backends)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"backend names must be unique within a model (a backend "
+                             f"without a name is named by its position): {', '.join(twice)}")
+        return backends
 
 
 class Defaults(_Strict):
@@ -226,6 +290,8 @@ class Defaults(_Strict):
     policy: Policy = "round_robin"
     session: SessionPolicy = SessionPolicy()
     prefix: PrefixPolicy = PrefixPolicy()
+    engine_metrics: EngineMetrics = EngineMetrics()
+    scoring: Scoring = Scoring()
     timeouts: Timeouts = Timeouts()
     retries: Retries = Retries()
     queue: Queue = Queue()
@@ -252,11 +318,19 @@ class ModelConfig(_Strict):
     policy: Policy
     session: SessionPolicy
     prefix: PrefixPolicy
+    engine_metrics: EngineMetrics
+    scoring: Scoring
     max_in_flight: int | None
     timeouts: Timeouts
     retries: Retries
     queue: Queue
     max_body_size: int
+
+    @property
+    def scrapes(self) -> bool:
+        """Whether this model's backends' ``/metrics`` are read."""
+        enabled = self.engine_metrics.enabled
+        return self.policy in SCORED if enabled is None else enabled
 
 
 class RoutesConfig(_Strict):
@@ -331,12 +405,15 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str,
             policy=spec.policy or d.policy,
             session=_merge(d.session, spec.session),
             prefix=_merge(d.prefix, spec.prefix),
+            engine_metrics=_merge(d.engine_metrics, spec.engine_metrics),
+            scoring=_merge(d.scoring, spec.scoring),
             max_in_flight=spec.max_in_flight,
             timeouts=_merge(d.timeouts, spec.timeouts),
             retries=_merge(d.retries, spec.retries),
             queue=_merge(d.queue, spec.queue),
             max_body_size=spec.max_body_size or d.max_body_size,
         )
+        _check_scoring(models[name], spec, tree, source)
         if not models[name].endpoints:
             raise ConfigError(
                 source,
@@ -369,11 +446,39 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str,
     )
 
 
+def _check_scoring(model: ModelConfig, spec: ModelSpec, tree: CommentedMap,
+                   source: str) -> None:
+    """A scored policy needs engine metrics; a scorer weight set where the policy's key
+    cannot feed it is refused rather than ignored."""
+    name = model.name
+    if model.policy in SCORED and model.engine_metrics.enabled is False:
+        raise ConfigError(source, f"models.{name}: policy {model.policy} routes on the "
+                          "engines' /metrics; engine_metrics.enabled: false leaves it "
+                          "nothing to read", *_position(tree, ("models", name, "engine_metrics")))
+    weights = spec.scoring.weights if spec.scoring is not None else None
+    explicit = weights.model_fields_set if weights is not None else set()
+    for key, needs in (("prefix", "cache_aware"), ("session", "load_aware")):
+        if model.policy in SCORED and model.policy != needs and (
+                key in explicit and getattr(model.scoring.weights, key) > 0):
+            raise ConfigError(
+                source, f"models.{name}.scoring.weights.{key}: the {key} scorer needs policy "
+                f"{needs} (policy {model.policy} has no {key} key to score)",
+                *_position(tree, ("models", name, "scoring", "weights", key)))
+
+
 def _merge(default: _M, override: _M | None) -> _M:
-    """``default`` with the keys the model set explicitly in ``override``."""
+    """``default`` with the keys the model set explicitly in ``override`` (nested blocks
+    merged the same way, key by key)."""
     if override is None:
         return default
-    return default.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+    update = {}
+    for key in override.model_fields_set:
+        value = getattr(override, key)
+        base = getattr(default, key)
+        if isinstance(value, BaseModel) and isinstance(base, BaseModel):
+            value = _merge(base, value)
+        update[key] = value
+    return default.model_copy(update=update)
 
 
 def _plain(node: Any) -> Any:

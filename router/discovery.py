@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from router.config import ModelConfig
 from router.endpoint import Endpoint, EndpointRegistry, Member
+from router.engine_load import ScrapeSettings
 
 log = logging.getLogger("routeyard.discovery")
 
@@ -27,6 +28,9 @@ class HasMembers(Protocol):
 
     @property
     def members(self) -> tuple[Member, ...]: ...
+
+    @property
+    def config(self) -> ModelConfig: ...
 
 
 class Resolver:
@@ -57,28 +61,42 @@ class Resolver:
 
     async def members(self, model: ModelConfig, registry: EndpointRegistry) -> list[Member]:
         members = []
-        for backend in model.backends:
+        for i, backend in enumerate(model.backends):
+            name = backend.name or str(i)
             if backend.discovery == "dns":
                 addresses = await self.addresses(backend.url)
-                endpoints = [registry.get(backend.url, a) for a in addresses]
+                named = [(registry.get(backend.url, a), f"{name}.{j}")
+                         for j, a in enumerate(addresses)]
             else:
-                endpoints = [registry.get(backend.url)]
-            members += [Member(e, backend.weight, backend.max_in_flight, backend.api_key)
-                        for e in endpoints]
+                named = [(registry.get(backend.url), name)]
+            members += [Member(e, backend.weight, backend.max_in_flight, backend.api_key, n)
+                        for e, n in named]
         return members
 
 
 def apply_limits(clusters: Iterable[HasMembers]) -> None:
     """Set each endpoint's ``max_in_flight`` (the smallest any model declares for it: a
-    backend listed by two models has one capacity) and its engine API key."""
+    backend listed by two models has one capacity), its engine API key, and how its
+    ``/metrics`` is read (for the models that read it: the shortest interval and timeout,
+    the first model's path)."""
     limits: dict[Endpoint, int | None] = {}
     keys: dict[Endpoint, str | None] = {}
+    scrapes: dict[Endpoint, ScrapeSettings] = {}
     for cluster in clusters:
+        config = cluster.config
+        wanted = config.engine_metrics if config.scrapes else None
         for member in cluster.members:
+            if wanted is not None:
+                had = scrapes.get(member.endpoint)
+                scrapes[member.endpoint] = ScrapeSettings(
+                    had.path if had else wanted.path,
+                    min(had.interval, wanted.interval) if had else wanted.interval,
+                    min(had.timeout, wanted.timeout) if had else wanted.timeout)
             old, new = limits.get(member.endpoint), member.max_in_flight
             limits[member.endpoint] = new if old is None else old if new is None else min(old, new)
             keys[member.endpoint] = keys.get(member.endpoint) or member.api_key
     for endpoint, limit in limits.items():
         endpoint.max_in_flight = limit
+        endpoint.scrape = scrapes.get(endpoint)
         key = keys.get(endpoint)
         endpoint.api_key_header = f"authorization: Bearer {key}\r\n" if key else None

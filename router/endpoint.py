@@ -6,11 +6,13 @@ refreshes keep the connections, in-flight counts and health of backends that sta
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from router.engine_load import EngineLoad, ScrapeSettings
 from router.health import EngineModels, Health, HealthBoard
 from router.upstream import Origin, Pool, Transport
 
@@ -36,10 +38,10 @@ class ClusterView(Protocol):
 
 
 class Endpoint:
-    """One backend address: transport, in-flight count, health."""
+    """One backend address: transport, in-flight count, health, engine load."""
 
-    __slots__ = ("api_key_header", "clusters", "engine", "health", "in_flight", "key",
-                 "max_in_flight", "origin", "transport", "url")
+    __slots__ = ("api_key_header", "clusters", "engine", "health", "in_flight", "key", "load",
+                 "max_in_flight", "origin", "scrape", "transport", "url")
 
     def __init__(self, key: str, url: str, origin: Origin, transport: Transport,
                  board: HealthBoard) -> None:
@@ -50,6 +52,10 @@ class Endpoint:
         self.health = Health(key, board)
         #: The models the engine says it serves (read by the health checker).
         self.engine = EngineModels()
+        #: What the engine's ``/metrics`` said last (read by ``router.scraper``).
+        self.load = EngineLoad()
+        #: How its ``/metrics`` is read; None: not read (no model routed here asks).
+        self.scrape: ScrapeSettings | None = None
         self.in_flight = 0
         self.max_in_flight: int | None = None
         #: ``authorization: Bearer <engine key>\r\n`` when the engine runs with --api-key.
@@ -89,6 +95,12 @@ class Endpoint:
         for cluster in list(self.clusters):
             cluster.served_changed(self)
 
+    def load_changed(self) -> None:
+        """A scrape ended (read or failed): the queues of the models routed here look
+        again, as the reading may show room now, or every reading may have gone stale."""
+        for cluster in list(self.clusters):
+            cluster.wake_all()
+
     def describe(self) -> dict[str, object]:
         return {
             "url": self.url,
@@ -96,6 +108,7 @@ class Endpoint:
             **self.health.describe(),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "engine_load": self.load.describe(time.monotonic(), self.in_flight),
         }
 
 
@@ -107,6 +120,9 @@ class Member:
     weight: int
     max_in_flight: int | None = None
     api_key: str | None = None
+    #: How the router names it to clients and in the admin view: the backend's ``name``,
+    #: else its position in the model's list (``.n`` added for the n-th DNS address).
+    name: str = ""
 
 
 class EndpointRegistry:

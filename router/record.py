@@ -61,7 +61,8 @@ class Outcome:
     """What the relay reports about its attempts and the answer it relayed."""
 
     __slots__ = (
-        "attempt_error", "attempt_status", "backend", "bytes_out", "error", "input_tokens",
+        "attempt_error", "attempt_status", "backend", "bytes_out", "error", "explain",
+        "input_tokens",
         "output_tokens", "queue_rejected", "queue_wait", "reads_usage", "retried_from",
         "retries", "status", "t_first", "t_sent",
     )
@@ -70,6 +71,8 @@ class Outcome:
         #: False for an answer whose tokens were counted when it was made (a stored one).
         self.reads_usage = reads_usage
         self.backend = ""  # the endpoint key of the last attempt
+        #: Answer headers that explain the last attempt's pick (``Lease.explain``).
+        self.explain: tuple[tuple[bytes, bytes], ...] = ()
         self.retries = 0
         #: The backends of the attempts that were retried elsewhere, in order.
         self.retried_from: tuple[str, ...] = ()

@@ -137,6 +137,7 @@ async def forward(model: ModelEntry, outbound: Outbound, outcome: Outcome,
             async with lease as endpoint:
                 outcome.queue_wait += lease.waited
                 outcome.backend = endpoint.key
+                outcome.explain = lease.explain
                 outcome.retries = attempt
                 outcome.status = outcome.attempt_status = 0
                 outcome.attempt_error = None
@@ -330,6 +331,8 @@ async def send_answer(request: Request, response: Response, outcome: Outcome,
         headers.append((b"x-request-id", request_id.encode("utf-8", "surrogateescape")))
     if extra_headers:
         headers.extend((n.encode("ascii"), v.encode("ascii")) for n, v in extra_headers)
+    if outcome.explain:
+        headers.extend(outcome.explain)
     status = response.status
     if not content_type and _has_message_body(status):
         # RFC 9110 §8.3: a recipient may assume this when the sender names no type.

@@ -131,7 +131,11 @@ def _entry(m: ModelConfig, cluster: Cluster) -> ModelEntry:
 
 
 def _key_function(m: ModelConfig) -> KeyFunction | None:
-    if m.policy == "session":
+    """The balancing key: the session id for ``session`` (and ``load_aware`` with a
+    ``session`` weight), the prompt's first ``prefix.chars`` characters for ``prefix`` (and
+    ``cache_aware`` with a ``prefix`` weight)."""
+    weights = m.scoring.weights
+    if m.policy == "session" or (m.policy == "load_aware" and weights.session):
         header = m.session.header.lower()
 
         def session_key(headers: Any, body: dict[str, Any]) -> str | None:
@@ -139,7 +143,7 @@ def _key_function(m: ModelConfig) -> KeyFunction | None:
             return key if isinstance(key, str) and key else None
 
         return session_key
-    if m.policy == "prefix":
+    if m.policy == "prefix" or (m.policy == "cache_aware" and weights.prefix):
         chars = m.prefix.chars
 
         def prefix_key(headers: Any, body: dict[str, Any]) -> str | None:

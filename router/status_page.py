@@ -66,25 +66,40 @@ def _models(backends: Mapping[str, Any], config: Mapping[str, Any]) -> str:
                   "no models", "models")
 
 
+def _engine(load: Mapping[str, Any] | None) -> str:
+    """A backend's last ``/metrics`` reading (the scored policies'), or why there is none."""
+    if not load:
+        return "—"
+    if "running" not in load:
+        return f'<span class="reason">{escape(str(load.get("error")))}</span>'
+    kv = load.get("kv_cache_usage") or 0.0
+    text = (f"waiting {load.get('waiting')}, running {load.get('running')}, "
+            f"KV {kv * 100:.0f} %, {load.get('age_s')} s old")
+    error = load.get("error")
+    return escape(text) + ("" if not error else
+                           f'<br><span class="reason">{escape(str(error))}</span>')
+
+
 def _backends(backends: Mapping[str, Any]) -> str:
     rows = []
     for name, view in backends.items():
         for url, reason in view.get("discovery_errors", {}).items():
             rows.append([f"<code>{escape(name)}</code>", _text(url), _state("unhealthy"),
-                         "—", "—", f'<span class="reason">{escape(str(reason))}</span>'])
+                         "—", "—", "—", f'<span class="reason">{escape(str(reason))}</span>'])
         for b in view.get("backends", []):
             limit = b.get("max_in_flight")
             in_flight = _text(b.get("in_flight")) + ("" if limit is None else f" / {_text(limit)}")
             reason = b.get("last_error")
             rows.append([
                 f"<code>{escape(name)}</code>",
-                f"{_text(b.get('url'))}<br><span class=meta>{_text(b.get('address'))}</span>",
+                (f"{_text(b['name'])}: " if b.get("name") else "") + f"{_text(b.get('url'))}<br>"
+                f"<span class=meta>{_text(b.get('address'))}</span>",
                 _state(b.get("state")) + ("" if b.get("up") or b.get("state") != "ejected"
                                           else " (no traffic)"),
-                in_flight, _text(b.get("consecutive_5xx")),
+                in_flight, _engine(b.get("engine_load")), _text(b.get("consecutive_5xx")),
                 "—" if not reason else f'<span class="reason">{escape(str(reason))}</span>',
             ])
-    return _table(("model", "backend", "health", "in flight", "failures in a row",
+    return _table(("model", "backend", "health", "in flight", "engine", "failures in a row",
                    "last failure"), rows, "no backends", "backends")
 
 

@@ -101,10 +101,11 @@ models:
     assert models["chat-model"][1:4] == ["chat", "least_request", "1 of 1"]
     assert models["misnamed"][3] == "0 of 1"
     backends = {row[0]: row for row in page.tables["backends"][1:]}
-    assert backends["chat-model"][1].startswith(engines["generate"])
+    assert backends["chat-model"][1].startswith(f"0: {engines['generate']}")
     assert backends["chat-model"][2] == "healthy"
     assert backends["misnamed"][2] == "unhealthy"
-    assert backends["misnamed"][5].startswith("model no-such-model not served (engine serves:")
+    assert backends["chat-model"][4] == "—"  # least_request reads no engine metrics
+    assert backends["misnamed"][6].startswith("model no-such-model not served (engine serves:")
     assert page.tables["reloads"][1][1] == "start"
 
     SCREENSHOT.parent.mkdir(exist_ok=True)

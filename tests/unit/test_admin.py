@@ -92,10 +92,15 @@ def sample_views() -> tuple[dict[str, Any], dict[str, Any]]:
     backends = {"chat<b>": {
         "policy": "round_robin", "groups": ["chat"], "in_flight": 2, "queued": 1,
         "backends": [
-            {"url": "http://a:8000", "address": "a:8000", "state": "healthy", "up": True,
-             "in_flight": 2, "max_in_flight": 8, "consecutive_5xx": 0, "last_error": None},
+            {"name": "gpu-a", "url": "http://a:8000", "address": "a:8000", "state": "healthy",
+             "up": True, "in_flight": 2, "max_in_flight": 8, "consecutive_5xx": 0,
+             "last_error": None,
+             "engine_load": {"running": 4, "waiting": 1, "kv_cache_usage": 0.425,
+                             "age_s": 0.12, "dispatched_since": 1,
+                             "error": "/metrics: <timed out>"}},
             {"url": "http://b:8000", "address": "b:8000", "state": "unhealthy", "up": False,
              "in_flight": 0, "max_in_flight": None, "consecutive_5xx": 3,
+             "engine_load": {"error": "/metrics: status 404"},
              "last_error": "model x not served (engine serves: <script>alert(1)</script>)"},
         ],
         "discovery_errors": {"http://dns:8000": "cannot resolve dns: nope"}}}
@@ -118,6 +123,9 @@ def test_the_status_page_shows_models_backends_reloads_and_escapes_values() -> N
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "bad &amp; worse" in page and "cannot resolve dns: nope" in page
     assert 'class="unhealthy"' in page and "1 of 2" in page
+    assert "gpu-a: http://a:8000" in page
+    assert "waiting 1, running 4, KV 42 %, 0.12 s old" in page
+    assert "/metrics: &lt;timed out&gt;" in page and "/metrics: status 404" in page
     assert "Batches" not in page  # batch: off
     assert not re.search(r"(src|href)=", page)  # no external asset
 

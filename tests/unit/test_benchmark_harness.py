@@ -16,7 +16,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from benchmarks import stream_client, wrk
 from benchmarks.results import ChatSample, Results
-from benchmarks.targets import MODEL, ROUTEYARD_CMD, build, write_routes
+from benchmarks.targets import MODEL, ROUTEYARD_CMD, SCORED_POLICIES, build, write_routes
+from router.config import load_file
+from router.engine_load import EngineReading, parse_engine_metrics
 from tests.harness import Process, Router, free_port, http_ok, python_m, wait_until
 
 
@@ -124,14 +126,28 @@ def test_default_rows_include_metrics_and_tracing() -> None:
     targets = build(ROUTEYARD_CMD, [], [], scaling_workers=2)
     names = [t.name for t in targets]
     assert names == ["direct", "routeyard", "routeyard[metrics off]", "routeyard[tracing on]",
-                     "routeyard --workers 2"]
+                     "routeyard[load_aware]", "routeyard[cache_aware]", "routeyard --workers 2"]
+    assert [t.policy for t in targets[4:6]] == ["load_aware", "cache_aware"]
     judged = [t.name for t in targets if t.judged and not t.is_direct]
     assert judged == ["routeyard"]
     tracing = targets[3].environment("http://127.0.0.1:9")
     assert tracing["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://127.0.0.1:9/v1/traces"
     assert targets[2].environment("x") == {"ROUTEYARD_METRICS": "false"}
-    bare = build(ROUTEYARD_CMD, [], [], scaling_workers=0, observability=False)
+    bare = build(ROUTEYARD_CMD, [], [], scaling_workers=0, observability=False,
+                 policies=False)
     assert [t.name for t in bare] == ["direct", "routeyard"]
+
+
+def test_fast_engine_metrics_are_what_the_scored_policies_read(fast_engine: str,
+                                                               tmp_path: Path) -> None:
+    r = httpx.get(fast_engine + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert parse_engine_metrics(r.content) == EngineReading(0, 0, 0.0)
+    assert len(r.content) > 10_000  # about a real engine's size: the scrape costs as much
+    port = int(fast_engine.rsplit(":", 1)[1])
+    for policy in SCORED_POLICIES:
+        config = load_file(write_routes(tmp_path, port, policy))
+        assert config.models[MODEL].policy == policy and config.models[MODEL].scrapes
 
 
 def test_problems_name_errors_and_failed_runs() -> None:

@@ -487,16 +487,19 @@ async def test_set_members_rebuilds_the_balancer_and_wakes_a_waiter(
 def test_describe_lists_members_with_weight_and_counts() -> None:
     reg = registry()
     e0, e1 = endpoints(reg, 2, max_in_flight=4)
-    c = Cluster(model_config(), [Member(e0, 3), Member(e1, 1)], OutlierDetection())
+    c = Cluster(model_config(), [Member(e0, 3, name="0"), Member(e1, 1, name="1")],
+                OutlierDetection())
     c.try_acquire(None, set())
     described = c.describe()
     assert described == [
-        {"url": "http://e0:8000", "address": "e0:8000", "state": "healthy", "up": True,
-         "consecutive_failures": 0, "consecutive_5xx": 0, "last_error": None,
-         "last_check": None, "in_flight": 1, "max_in_flight": 4, "weight": 3, "model_served": None},
-        {"url": "http://e1:8000", "address": "e1:8000", "state": "healthy", "up": True,
-         "consecutive_failures": 0, "consecutive_5xx": 0, "last_error": None,
-         "last_check": None, "in_flight": 0, "max_in_flight": 4, "weight": 1, "model_served": None},
+        {"name": "0", "url": "http://e0:8000", "address": "e0:8000", "state": "healthy",
+         "up": True, "consecutive_failures": 0, "consecutive_5xx": 0, "last_error": None,
+         "last_check": None, "in_flight": 1, "max_in_flight": 4, "engine_load": None,
+         "weight": 3, "model_served": None},
+        {"name": "1", "url": "http://e1:8000", "address": "e1:8000", "state": "healthy",
+         "up": True, "consecutive_failures": 0, "consecutive_5xx": 0, "last_error": None,
+         "last_check": None, "in_flight": 0, "max_in_flight": 4, "engine_load": None,
+         "weight": 1, "model_served": None},
     ]
     eject(e1)
     assert c.describe()[1]["state"] == "ejected"

@@ -163,3 +163,71 @@ def test_relative_batch_paths_resolve_against_the_routes_file(
     assert local is not None
     assert local.database_url == "postgresql+asyncpg://u:pw@db/x"
     assert local.storage.url == str(conf / "data")
+
+
+SCORED = """\
+defaults:
+  endpoints: [chat]
+  scoring:
+    weights: {queue: 4, kv_cache: 1}
+    saturation: {queue: 8}
+models:
+  a:
+    policy: load_aware
+    backends: [{url: "http://a:8000"}]
+    scoring:
+      weights: {kv_cache: 3}
+  b:
+    policy: cache_aware
+    engine_metrics: {interval: 50ms, max_age: 1s}
+    backends: [{url: "http://b:8000", name: gpu-b}]
+  c:
+    backends: [{url: "http://c:8000"}]
+"""
+
+
+def test_scoring_blocks_merge_key_by_key_with_the_defaults() -> None:
+    config = parse(SCORED.encode())
+    a, b, c = (config.models[n] for n in "abc")
+    assert (a.scoring.weights.queue, a.scoring.weights.kv_cache) == (4, 3)
+    assert a.scoring.saturation.queue == 8 and a.scoring.saturation.kv_cache == 0.9
+    assert b.scoring.weights.prefix == 3 and b.scoring.weights.queue == 4
+    assert (b.engine_metrics.interval, b.engine_metrics.max_age) == (0.05, 1.0)
+    assert b.engine_metrics.timeout == 0.2 and b.backends[0].name == "gpu-b"
+    assert a.scrapes and b.scrapes and not c.scrapes
+
+
+@pytest.mark.parametrize(("snippet", "line", "words"), [
+    ("    scoring: {weights: {lora: 1}}\n", 6, "scoring.weights.lora: Extra inputs"),
+    ("    scoring: {weights: {prefix: 2}}\n", 6,
+     "scoring.weights.prefix: the prefix scorer needs policy cache_aware"),
+    ("    engine_metrics: {enabled: false}\n", 6,
+     "policy load_aware routes on the engines' /metrics"),
+    ("    scoring: {saturation: {kv_cache: 1.5}}\n", 6, "less than or equal to 1"),
+    ("    engine_metrics: {interval: 0s}\n", 6, "greater than zero"),
+])
+def test_scoring_errors_name_their_line(snippet: str, line: int, words: str) -> None:
+    text = ("defaults:\n  endpoints: [chat]\nmodels:\n  a:\n    policy: load_aware\n"
+            + snippet + "    backends: [{url: \"http://a:8000\"}]\n")
+    with pytest.raises(ConfigError) as err:
+        parse(text.encode(), "routes.yaml")
+    assert err.value.line == line and words in err.value.message, err.value
+
+
+def test_a_session_weight_under_cache_aware_is_refused() -> None:
+    text = ("defaults:\n  endpoints: [chat]\nmodels:\n  a:\n    policy: cache_aware\n"
+            "    scoring:\n      weights: {session: 1}\n    backends: [{url: \"http://a:8000\"}]\n")
+    with pytest.raises(ConfigError, match=r"routes.yaml:7:\d+: .*session scorer needs policy "
+                                          "load_aware"):
+        parse(text.encode(), "routes.yaml")
+
+
+@pytest.mark.parametrize(("backends", "words"), [
+    ('[{url: "http://a:8000", name: x}, {url: "http://b:8000", name: x}]', "unique"),
+    ('[{url: "http://a:8000", name: "1"}, {url: "http://b:8000"}]', "unique"),
+    ('[{url: "http://a:8000", name: "a b"}]', "should match pattern"),
+])
+def test_backend_names_are_header_safe_and_unique(backends: str, words: str) -> None:
+    text = f"models:\n  a:\n    endpoints: [chat]\n    backends: {backends}\n"
+    with pytest.raises(ConfigError, match=words):
+        parse(text.encode())

@@ -94,6 +94,7 @@ def test_apply_limits_takes_the_smallest_declared_limit() -> None:
     class Cluster:
         def __init__(self, *members: Member) -> None:
             self.members = members
+            self.config = model_config()
 
     apply_limits([Cluster(Member(e0, 1, None), Member(e1, 1, 5), Member(e2, 1, None)),
                   Cluster(Member(e0, 1, 3), Member(e1, 1, 7), Member(e2, 1, None)),
