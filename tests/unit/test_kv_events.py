@@ -8,8 +8,7 @@ events as maps tagged by ``type``, as captured from the CPU build; see docs/rout
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -28,6 +27,7 @@ from router.kv_events import (
     decode,
 )
 from router.prefix_index import PrefixIndex, token_blocks
+from tests.harness import eventually
 
 BLOCK = 4
 
@@ -185,13 +185,6 @@ async def publisher() -> AsyncIterator[tuple[zmq.asyncio.Socket, str]]:
     context.term()
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_subscriber_fills_the_index_from_a_publisher_and_clears_on_a_gap(
     publisher: tuple[zmq.asyncio.Socket, str],
 ) -> None:
@@ -203,11 +196,12 @@ async def test_a_subscriber_fills_the_index_from_a_publisher_and_clears_on_a_gap
         assert (await asyncio.wait_for(pub.recv(), 5))[:1] == b"\x01"  # subscribed
         await pub.send_multipart([b"", (0).to_bytes(8, "big"),
                                   payload(stored([11, 12, 13], None, PROMPT))])
-        await wait_for(lambda: index.match(token_blocks(PROMPT, BLOCK)) == {"http://a:8000": 3})
+        await eventually(lambda: index.match(token_blocks(PROMPT, BLOCK)) == {"http://a:8000": 3},
+                         5, "the stored blocks in the index")
         await pub.send_multipart([b"", (5).to_bytes(8, "big"), payload(removed([999]))])
-        await wait_for(lambda: blocks.resyncs == 1)
+        await eventually(lambda: blocks.resyncs == 1, 5, "a resync after the gap")
         assert len(index) == 0
         await pub.send_multipart([b"", b"short"])  # not vLLM's framing: lost events too
-        await wait_for(lambda: blocks.resyncs == 2)
+        await eventually(lambda: blocks.resyncs == 2, 5, "a resync after a bad message")
     finally:
         await subscriber.close()
