@@ -89,8 +89,9 @@ class PrefixIndex:
             raise ValueError(f"per_endpoint must be at least 1, not {per_endpoint}")
         self.max_blocks = max_blocks
         self.per_endpoint = per_endpoint
-        #: block hash → the endpoints holding it; least recently used first.
-        self._holders: OrderedDict[int, set[str]] = OrderedDict()
+        #: block hash → the endpoints holding it (a tuple: a block has few holders, and a
+        #: small set costs four times the memory); least recently used first.
+        self._holders: OrderedDict[int, tuple[str, ...]] = OrderedDict()
         #: endpoint → the blocks it holds; least recently used first.
         self._held: dict[str, OrderedDict[int, None]] = {}
 
@@ -123,13 +124,18 @@ class PrefixIndex:
             holders = get(block)
             if holders is None:
                 break
-            if not live <= holders:
-                dropped = live - holders
-                for endpoint in dropped:
-                    found[endpoint] = depth
-                live -= dropped
-                if not live:
+            for endpoint in live:
+                if endpoint not in holders:
                     break
+            else:  # every endpoint still in the race holds this block too
+                depth += 1
+                continue
+            dropped = [endpoint for endpoint in live if endpoint not in holders]
+            for endpoint in dropped:
+                found[endpoint] = depth
+            live.difference_update(dropped)
+            if not live:
+                break
             depth += 1
         for endpoint in live:
             found[endpoint] = depth
@@ -152,9 +158,10 @@ class PrefixIndex:
         for block in reversed(hashes):
             holders = holders_of.get(block)
             if holders is None:
-                holders_of[block] = {endpoint}
+                holders_of[block] = (endpoint,)
             else:
-                holders.add(endpoint)
+                if endpoint not in holders:
+                    holders_of[block] = (*holders, endpoint)
                 holders_of.move_to_end(block)
             if block in held:
                 held.move_to_end(block)
@@ -229,9 +236,10 @@ class PrefixIndex:
         """``endpoint`` no longer holds ``block``; a block nobody holds is forgotten."""
         holders = self._holders.get(block)
         if holders is not None:
-            holders.discard(endpoint)
-            if not holders:
+            if holders == (endpoint,):
                 del self._holders[block]
+            elif endpoint in holders:
+                self._holders[block] = tuple(e for e in holders if e != endpoint)
 
 
 def prefix_scores(index: PrefixIndex, hashes: Sequence[int],

@@ -25,8 +25,10 @@ from types import ModuleType
 import httpx
 import pytest
 
+from router.engine_tokens import engine_token_ids
 from router.kv_events import EngineBlocks, KVEventSubscriber
 from router.prefix_index import PrefixIndex, token_blocks
+from router.upstream import Origin, Pool, Transport
 from tests.harness import ROOT, eventually
 
 pytestmark = pytest.mark.real_vllm
@@ -92,16 +94,24 @@ def _prompt(topic: str) -> str:
     return f"{topic}: " + " ".join(f"{topic} fact {i} is worth remembering." for i in range(20))
 
 
-async def _serve(client: httpx.AsyncClient, prompt: str) -> list[int]:
-    """Send ``prompt`` through the engine; return its token ids as ``/tokenize`` gives them."""
-    answer = await client.post("/v1/completions",
-                               json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
+async def _serve(client: httpx.AsyncClient, backend: Backend, prompt: str) -> list[int]:
+    """Send ``prompt`` through the engine; return its token ids as the engine's ``/tokenize``
+    gives them to the router (``engine_token_ids``)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+    answer = await client.post("/v1/completions", json=body)
     assert answer.status_code == 200, answer.text
-    tokens = await client.post("/tokenize", json={"model": MODEL, "prompt": prompt})
-    assert tokens.status_code == 200, tokens.text
-    ids: list[int] = tokens.json()["tokens"]
-    assert len(ids) >= 3 * BLOCK
+    ids = await engine_token_ids(backend, MODEL, body, timeout=30)
+    assert ids is not None and len(ids) >= 3 * BLOCK
     return ids
+
+
+@dataclass
+class Backend:
+    """The engine as ``engine_token_ids`` sees an endpoint."""
+
+    origin: Origin
+    transport: Transport
+    api_key_header: str | None = None
 
 
 async def test_the_index_learns_and_forgets_a_real_engines_blocks(
@@ -112,12 +122,14 @@ async def test_the_index_learns_and_forgets_a_real_engines_blocks(
                           max_blocks=10_000)
     subscriber = KVEventSubscriber(event_engine.events, blocks)
     subscriber.start()
+    origin = Origin.from_url(event_engine.url)
+    backend = Backend(origin, Pool(origin))
     async with httpx.AsyncClient(base_url=event_engine.url, timeout=60) as client:
         try:
             # a SUB socket misses what is published before it has joined: warm up until
             # events arrive (those lost before show as a sequence gap, and are cleared)
             async def joined() -> bool:
-                await _serve(client, _prompt(f"warm-up {time.monotonic_ns()}"))
+                await _serve(client, backend, _prompt(f"warm-up {time.monotonic_ns()}"))
                 deadline = time.monotonic() + 2
                 while not blocks.batches and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
@@ -126,7 +138,7 @@ async def test_the_index_learns_and_forgets_a_real_engines_blocks(
             await eventually(joined, 120, "KV events from the engine")
             assert blocks.block_size == BLOCK
 
-            ids = await _serve(client, _prompt("the served prompt"))
+            ids = await _serve(client, backend, _prompt("the served prompt"))
             hashes = token_blocks(ids, BLOCK)
             await eventually(lambda: index.match(hashes) == {event_engine.url: len(ids) // BLOCK},
                              30, "the served prompt's blocks in the index")
@@ -136,7 +148,7 @@ async def test_the_index_learns_and_forgets_a_real_engines_blocks(
             # other prompts fill the 48-block cache: the engine evicts the first prompt's
             # blocks and its BlockRemoved events take them out of the index
             async def evicted() -> bool:
-                await _serve(client, _prompt(f"filler {time.monotonic_ns()}"))
+                await _serve(client, backend, _prompt(f"filler {time.monotonic_ns()}"))
                 return index.match(hashes).get(event_engine.url, 0) < len(hashes)
 
             await eventually(evicted, 180, "the first prompt's blocks evicted")
@@ -145,4 +157,22 @@ async def test_the_index_learns_and_forgets_a_real_engines_blocks(
                   f"{index.held_by(event_engine.url)} blocks held")
         finally:
             await subscriber.close()
+            backend.transport.close()
 
+
+async def test_the_engines_tokens_of_a_chat_are_the_ones_it_serves(
+    event_engine: EventEngine,
+) -> None:
+    origin = Origin.from_url(event_engine.url)
+    backend = Backend(origin, Pool(origin))
+    body = {"model": MODEL, "max_tokens": 1, "return_token_ids": True,
+            "messages": [{"role": "system", "content": _prompt("support desk")},
+                         {"role": "user", "content": "Where is my parcel?"}]}
+    try:
+        ids = await engine_token_ids(backend, MODEL, body, timeout=30)
+    finally:
+        backend.transport.close()
+    async with httpx.AsyncClient(base_url=event_engine.url, timeout=60) as client:
+        answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert ids is not None and ids == answer.json()["prompt_token_ids"]
