@@ -194,7 +194,7 @@ def test_within_bounded_load_allows_up_to_the_factor_of_the_mean() -> None:
 
 # -- a shared system prompt under prefix + load scoring -------------------------------------
 ENDPOINTS = ["e0", "e1", "e2", "e3"]
-SYSTEM = "You are the support assistant of Example Corp. Answer politely. " * 40  # ~2.6k chars
+SYSTEM = "You are the support assistant of Example Corp. Answer politely. " * 40  # 20 blocks
 BLOCK_CHARS = 128
 
 
@@ -206,7 +206,7 @@ def _route_sessions(load_factor: float | None, sessions: int = 100) -> Counter[s
     index = PrefixIndex(max_blocks=100_000)
     in_flight = dict.fromkeys(ENDPOINTS, 0)
     for session in range(sessions):
-        prompt = f"{SYSTEM}user {session}: my order {session * 7919} is late"
+        prompt = SYSTEM + f"user {session}: my order {session * 7919} is late. " * 5
         hashes = text_blocks(prompt, BLOCK_CHARS)
         total = sum(in_flight.values())
         loads = [in_flight[e] / total if total else 0.0 for e in ENDPOINTS]
