@@ -21,7 +21,7 @@ hash no plain token prefix has. Events of a LoRA adapter (``lora_name``) go to t
 adapter's index.
 
 A sequence gap (messages dropped past ZMQ's high-water mark, a publisher restart) or a
-payload that does not decode means events were lost: the endpoint's blocks are cleared and
+payload that does not decode (or apply) means events were lost: the endpoint's blocks are cleared and
 the index rebuilds from the events that follow (a stored block whose parent is unknown is
 skipped; vLLM's optional replay socket is not used).
 
@@ -175,13 +175,12 @@ class EngineBlocks:
             self.resync()
         self.next_seq = seq + 1
         try:
-            batch = decode(payload)
-        except EventError as exc:
-            log.warning("KV events of %s: payload %d refused (%s); its blocks are cleared",
+            self.apply(decode(payload))
+        except (EventError, TypeError, ValueError, IndexError) as exc:
+            # events of the batch are lost (or half applied): start again from the next one
+            log.warning("KV events of %s: payload %d refused (%r); its blocks are cleared",
                         self.endpoint, seq, exc)
             self.resync()
-            return
-        self.apply(batch)
 
     def apply(self, batch: Batch) -> None:
         """The events of one batch, in order."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 #: Characters per token for sizing ``text_blocks`` from an engine's block size (tokens).
 CHARS_PER_TOKEN = 4
@@ -120,7 +121,7 @@ class PrefixIndex:
         live = set(holders)
         depth = 1
         get = self._holders.get
-        for block in hashes[1:]:
+        for block in islice(hashes, 1, None):
             holders = get(block)
             if holders is None:
                 break

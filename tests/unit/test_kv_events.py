@@ -148,6 +148,16 @@ def test_a_payload_that_does_not_decode_clears_the_endpoint() -> None:
     assert len(index) == 1 and blocks.resyncs == 1
 
 
+def test_an_event_that_cannot_be_applied_clears_the_endpoint() -> None:
+    blocks, index, indexes = engine()
+    blocks.message(0, payload(stored([11], None, PROMPT[:4])))
+    blocks.message(1, payload(stored([12], [1, 2], PROMPT[4:8])))  # a parent hash that is a list
+    blocks.message(2, payload(stored([13], None, PROMPT[:4], lora_name="sql-lora",
+                                     extra_keys=[7])))  # an adapter's keys that are no list
+    assert blocks.resyncs == 2
+    assert len(index) == 0 and len(indexes["sql-lora"]) == 0
+
+
 def test_adapter_blocks_go_to_the_adapters_index_and_extra_keys_do_not_match() -> None:
     blocks, index, indexes = engine()
     blocks.message(0, payload(stored([41], None, PROMPT[:4], lora_name="sql-lora",
