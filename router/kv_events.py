@@ -9,7 +9,9 @@ encodes each event as a map tagged by ``type``: ``BlockStored`` (``block_hashes`
 ``parent_block_hash``, ``token_ids``, ``block_size``, ``lora_id``, ``medium``,
 ``lora_name``, then optional ``extra_keys``, ``group_idx``, …), ``BlockRemoved``
 (``block_hashes``, ``medium``, …) and ``AllBlocksCleared``; older releases encoded events
-as arrays with the tag first, in the same field order, and both are read.
+as arrays with the tag first, in the same field order, and both are read. Only the first
+KV cache group (``group_idx`` 0) is kept: a hybrid model's other groups store the same
+token blocks again.
 
 The engine's block hashes depend on its hash seed and algorithm, so the index does not use
 them: ``EngineBlocks`` recomputes each stored block's hash from its token ids with
@@ -21,9 +23,9 @@ hash no plain token prefix has. Events of a LoRA adapter (``lora_name``) go to t
 adapter's index.
 
 A sequence gap (messages dropped past ZMQ's high-water mark, a publisher restart) or a
-payload that does not decode (or apply) means events were lost: the endpoint's blocks are cleared and
-the index rebuilds from the events that follow (a stored block whose parent is unknown is
-skipped; vLLM's optional replay socket is not used).
+payload that does not decode (or apply) means events were lost: the endpoint's blocks are
+cleared and the index rebuilds from the events that follow (a stored block whose parent is
+unknown is skipped; vLLM's optional replay socket is not used).
 
 ``pyzmq`` and ``msgspec`` (vLLM's own msgpack codec) are imported only when a subscriber
 runs or a payload is decoded, so importing ``router`` stays cheap.
@@ -123,6 +125,8 @@ def _event(raw: Any) -> Event | None:
         fields = dict(zip(_ARRAY_FIELDS.get(kind, ()), raw[1:], strict=False))
     else:
         raise TypeError(f"event {raw!r:.80}")
+    if fields.get("group_idx") not in (None, 0):
+        return None  # a hybrid model's other KV cache groups: the first one stands for all
     if kind == "BlockStored":
         block_size = fields["block_size"]
         if not isinstance(block_size, int) or block_size < 1:
@@ -262,8 +266,6 @@ class KVEventSubscriber:
         self.blocks = blocks
         self.topic = topic
         self._task: asyncio.Task[None] | None = None
-        #: Set once the socket is connected and subscribed (tests wait on it).
-        self.connected = asyncio.Event()
 
     def start(self) -> asyncio.Task[None]:
         """Run in the background on the current event loop."""
@@ -283,7 +285,6 @@ class KVEventSubscriber:
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SUBSCRIBE, self.topic)
             socket.connect(self.address)
-            self.connected.set()
             while True:
                 frames = await socket.recv_multipart()
                 if len(frames) != 3 or len(frames[1]) != 8:

@@ -81,8 +81,10 @@ def test_decode_reads_sha256_hashes_and_the_older_array_encoding() -> None:
                             Cleared())
 
 
-def test_decode_skips_event_kinds_it_does_not_know() -> None:
-    batch = decode(payload({"type": "SomethingNew", "x": 1}, removed([1])))
+def test_decode_skips_event_kinds_it_does_not_know_and_other_cache_groups() -> None:
+    other_group = {**stored([2], None, PROMPT[:4]), "group_idx": 1}
+    batch = decode(payload({"type": "SomethingNew", "x": 1}, other_group, removed([1]),
+                           {**removed([2]), "group_idx": 1}))
     assert batch.events == (Removed((1,)),)
 
 
