@@ -28,6 +28,7 @@ from router.kv_events import (
 )
 from router.prefix_index import PrefixIndex, token_blocks
 from tests.harness import eventually
+from tests.unit.test_imports import loaded_after
 
 BLOCK = 4
 
@@ -63,6 +64,11 @@ def engine(max_blocks: int = 100) -> tuple[EngineBlocks, PrefixIndex, Indexes]:
     indexes = {None: PrefixIndex(max_blocks), "sql-lora": PrefixIndex(max_blocks)}
     blocks = EngineBlocks("http://a:8000", indexes.get, max_blocks)
     return blocks, indexes[None], indexes
+
+
+def test_importing_the_module_loads_neither_zmq_nor_msgspec() -> None:
+    loaded = loaded_after("import router.kv_events, router.prefix_index")
+    assert loaded.isdisjoint({"zmq", "msgspec"}), sorted(loaded & {"zmq", "msgspec"})
 
 
 # -- decoding -----------------------------------------------------------------------------
