@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from router.config import SCORED
+from router.prefix_index import PrefixIndex, text_blocks, within_bounded_load
 from router.scoring import (
     KeyScorer,
     Thresholds,
@@ -185,6 +186,48 @@ class PreferredOnRing:
         """The ring is fixed by the members: nothing to learn."""
 
 
+class CachedPrefix:
+    """The ``KeyScorer`` of ``cache_aware``: the share of the prompt's leading blocks each
+    candidate holds by the model's prefix index (matched blocks / prompt blocks, as
+    llm-d's prefix scorer). The index learns from the router's own picks (approximate
+    mode: a backend holds what it was last sent, aged out least recently used first).
+
+    Bounded load: a candidate that would go above ``load_factor`` times the mean
+    in-flight load with this request scores 0, so a system prompt shared by many
+    sessions spreads over backends instead of piling on the one that has it."""
+
+    def __init__(self, index: PrefixIndex, block_chars: int, load_factor: float) -> None:
+        self.index = index
+        self.block_chars = block_chars
+        self.load_factor = load_factor
+        #: The last key hashed and its blocks: ``picked`` follows ``scores`` at once.
+        self.last: tuple[str, list[int]] = ("", [])
+
+    def _blocks(self, key: str) -> list[int]:
+        last_key, blocks = self.last
+        if last_key is not key:
+            blocks = text_blocks(key, self.block_chars)
+            self.last = (key, blocks)
+        return blocks
+
+    def scores(self, key: str, candidates: Sequence[Endpoint]) -> Mapping[Endpoint, float]:
+        blocks = self._blocks(key)
+        if not blocks:
+            return {}
+        held = self.index.match(blocks)
+        if not held:
+            return {}
+        room = within_bounded_load([e.in_flight for e in candidates], self.load_factor)
+        total = len(blocks)
+        return {e: held[e.key] / total for e, ok in zip(candidates, room, strict=True)
+                if ok and e.key in held}
+
+    def picked(self, key: str, endpoint: Endpoint) -> None:
+        blocks = self._blocks(key)
+        if blocks:
+            self.index.record(endpoint.key, blocks)
+
+
 class Scored:
     """``load_aware`` and ``cache_aware``: the candidate with the highest weighted sum of
     scores (``router.scoring``), ties to the first in an order that rotates every pick.
@@ -308,16 +351,24 @@ class Scored:
 
 
 def make_balancer(config: ModelConfig, members: Sequence[Member],
-                  clock: Callable[[], float] = time.monotonic) -> Balancer:
+                  clock: Callable[[], float] = time.monotonic,
+                  prefix_index: PrefixIndex | None = None) -> Balancer:
+    """The model's policy over ``members``; ``cache_aware`` scores prompts by
+    ``prefix_index`` (without one, by the prompt prefix's consistent hash)."""
     if config.policy in SCORED:
         scoring = config.scoring
         w = scoring.weights
         key_weight = w.prefix if config.policy == "cache_aware" else w.session
         thresholds = Thresholds(scoring.saturation.queue, scoring.saturation.kv_cache,
                                 config.engine_metrics.max_age)
+        key_scorer: KeyScorer[Endpoint] | None = None
+        if key_weight and prefix_index is not None:
+            key_scorer = CachedPrefix(prefix_index, config.prefix.block_chars,
+                                      config.prefix.load_factor)
+        elif key_weight:
+            key_scorer = PreferredOnRing(members)
         return Scored(members, Weights(w.queue, w.kv_cache, w.in_flight, key_weight),
-                      thresholds, PreferredOnRing(members) if key_weight else None,
-                      scoring.explain, clock)
+                      thresholds, key_scorer, scoring.explain, clock)
     if config.policy == "least_request":
         return LeastRequest(members)
     if config.policy == "session":

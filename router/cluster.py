@@ -54,6 +54,7 @@ from router.balancer import Balancer, Scored, make_balancer
 from router.config import SCORED, ModelConfig, OutlierDetection
 from router.endpoint import Endpoint, Member
 from router.errors import NoHealthyBackend, QueueTimeout
+from router.prefix_index import PrefixIndex
 
 log = logging.getLogger("routeyard.cluster")
 
@@ -62,8 +63,10 @@ class Cluster:
     """The endpoints of one model, its balancer, and its admission queue."""
 
     def __init__(self, config: ModelConfig, members: Iterable[Member],
-                 outlier: OutlierDetection) -> None:
+                 outlier: OutlierDetection, prefix_index: PrefixIndex | None = None) -> None:
         self.config = config
+        #: ``cache_aware``: which member holds which prompt blocks (kept across reloads).
+        self.prefix_index = prefix_index
         self.name = config.name
         #: The model name requests of this model carry to the engine.
         self.sent_name = config.backend_model or config.name
@@ -83,7 +86,7 @@ class Cluster:
         self.routable: tuple[Member, ...] = ()
         #: Too few members in rotation: their ejections are waived (module docstring).
         self.panic = False
-        self.balancer: Balancer = make_balancer(config, ())
+        self.balancer: Balancer = make_balancer(config, (), prefix_index=prefix_index)
         #: The scored balancer (``load_aware``, ``cache_aware``), whose picks are explained
         #: to the client: ``x-routeyard-backend`` per member, made once.
         self.scored: Scored | None = None
@@ -113,7 +116,10 @@ class Cluster:
         """Build the balancer over the members whose engine serves this model."""
         self.unserved = unserved
         self.routable = tuple(m for m in self.members if m.endpoint not in unserved)
-        self.balancer = make_balancer(self.config, self.routable)
+        self.balancer = make_balancer(self.config, self.routable,
+                                      prefix_index=self.prefix_index)
+        if self.prefix_index is not None:  # a backend that left holds nothing for us
+            self.prefix_index.retain(m.endpoint.key for m in self.members)
         self.scored = self.balancer if isinstance(self.balancer, Scored) else None
         if self.config.policy in SCORED:
             self.backend_headers = {m.endpoint: (b"x-routeyard-backend", m.name.encode())

@@ -115,6 +115,9 @@ class SessionPolicy(_Strict):
 class PrefixPolicy(_Strict):
     chars: int = Field(default=256, ge=1)
     load_factor: float = Field(default=1.25, ge=1.0)
+    #: ``cache_aware``: characters per block of the prefix index, and blocks it holds.
+    block_chars: int = Field(default=128, ge=1)
+    index_blocks: int = Field(default=100_000, ge=1)
 
 
 class HealthChecks(_Strict):

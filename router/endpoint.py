@@ -14,6 +14,7 @@ from typing import Protocol
 
 from router.engine_load import EngineLoad, ScrapeSettings
 from router.health import EngineModels, Health, HealthBoard
+from router.prefix_index import PrefixIndexes
 from router.upstream import Origin, Pool, Transport
 
 
@@ -131,6 +132,8 @@ class EndpointRegistry:
     def __init__(self, transports: Callable[[Origin], Transport] = Pool,
                  board: HealthBoard | None = None) -> None:
         self.by_key: dict[str, Endpoint] = {}
+        #: The ``cache_aware`` models' prefix indexes: kept across reloads, like endpoints.
+        self.prefix_indexes = PrefixIndexes()
         self.transports = transports
         self.board = board or HealthBoard()
         self.board.listeners.append(self._health_changed)

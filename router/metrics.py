@@ -52,8 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("routeyard.metrics")
 
 #: What the metrics sample once a second: the endpoints, and per model (name, queue
-#: length, backends that get traffic).
-Sources = Callable[[], "tuple[Iterable[Sampled], Iterable[tuple[str, int, int]]]"]
+#: length, backends that get traffic, blocks in its prefix index or None without one).
+ModelSample = tuple[str, int, int, "int | None"]
+Sources = Callable[[], "tuple[Iterable[Sampled], Iterable[ModelSample]]"]
 
 
 class Sampled(Protocol):
@@ -265,6 +266,10 @@ class Metrics:
             "routeyard_backend_up; with several workers: the fewest any worker sees); 0: "
             "the model's requests get 503.", ["model"],
             multiprocess_mode="livemin", registry=registry)
+        self.prefix_index_blocks = Gauge(
+            "routeyard_prefix_index_blocks", "Prompt blocks in the prefix index of a "
+            "cache_aware model (each worker keeps its own; the sum over workers).",
+            ["model"], multiprocess_mode="livesum", registry=registry)
         self.queue_rejections = Counter(
             "routeyard_queue_rejections", "Requests answered 429 because the queue was full "
             "or no backend freed up in time.", ["model"], registry=registry)
@@ -378,13 +383,15 @@ class Metrics:
         if self._sources is not None:
             endpoints, models = self._sources()
             self._sample_backends(endpoints)
-            for name, queued, up in models:
+            for name, queued, up, blocks in models:
                 pair = self._queues.get(name)
                 if pair is None:
                     pair = self._queues[name] = (self.queued.labels(name),
                                                  self.model_backends_up.labels(name))
                 pair[0].set(queued)
                 pair[1].set(up)
+                if blocks is not None:
+                    self.prefix_index_blocks.labels(name).set(blocks)
 
     def _sample_backends(self, endpoints: Iterable[Sampled]) -> None:
         seen = set()

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from watchfiles import awatch
 
@@ -31,6 +32,9 @@ from router.config import ConfigError, HealthChecks, OutlierDetection, RoutesCon
 from router.discovery import Resolver, apply_limits
 from router.endpoint import Endpoint, EndpointRegistry, Member
 from router.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from router.metrics import ModelSample
 
 log = logging.getLogger("routeyard.reload")
 
@@ -221,11 +225,13 @@ class ConfigHolder:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
-    def sampled(self) -> tuple[Iterable[Endpoint], list[tuple[str, int, int]]]:
+    def sampled(self) -> tuple[Iterable[Endpoint], list[ModelSample]]:
         """What the metrics sample at each flush (``router.metrics.Sources``): every
-        endpoint, and per model its name, queue length and backends that get traffic."""
+        endpoint, and per model its name, queue length, backends that get traffic and
+        the size of its prefix index (``cache_aware``)."""
         return (self.registry.by_key.values(),
-                [(m.name, len(m.cluster.waiters), m.cluster.up_count())
+                [(m.name, len(m.cluster.waiters), m.cluster.up_count(),
+                  None if (index := m.cluster.prefix_index) is None else len(index))
                  for m in self.current.models.values()])
 
     def close(self) -> None:

@@ -96,10 +96,14 @@ async def build(config: RoutesConfig, registry: EndpointRegistry, resolver: Reso
     """Bind a validated config to endpoints (reusing those that stay) and freeze it."""
     loaded_at = time.time()
     models = {}
+    indexes = registry.prefix_indexes
     for name, model in config.models.items():
         members = await resolver.members(model, registry)
-        cluster = Cluster(model, members, config.outlier_detection)
+        index = (indexes.get(name, model.prefix.index_blocks)
+                 if model.policy == "cache_aware" else None)
+        cluster = Cluster(model, members, config.outlier_detection, index)
         models[name] = _entry(model, cluster)
+    indexes.retain(n for n, m in config.models.items() if m.policy == "cache_aware")
     apply_limits(m.cluster for m in models.values())
     auth = Authenticator(config.auth) if config.auth is not None else None
     snap = Snapshot(config=config, models=models, loaded_at=loaded_at,

@@ -143,3 +143,43 @@ def test_when_every_engine_is_saturated_a_request_waits_until_a_scrape_shows_roo
         b.set(kv_cache=0.2)
         answer = pending.result(timeout=10)
     assert answer.headers["x-routeyard-backend"] == "b"
+
+
+def test_cache_aware_keeps_each_system_prompt_on_one_backend(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Six tenants with their own long system prompts through a cache_aware router: the
+    answers of a tenant all name one backend, the tenants use both backends, and the
+    prefix index's size is exported."""
+    with MetricsEngine(MODEL) as a, MetricsEngine(MODEL) as b:
+        text = f"""\
+defaults:
+  endpoints: [chat]
+models:
+  {MODEL}:
+    policy: cache_aware
+    engine_metrics: {{interval: 50ms, max_age: 2s}}
+    prefix: {{chars: 2048, block_chars: 64}}
+    backends:
+      - {{url: "{a.url}", name: a}}
+      - {{url: "{b.url}", name: b}}
+"""
+        router = start_router(tmp_path_factory.mktemp("cache-aware"), text)
+        try:
+            wait_until(lambda: all(load is not None for load in engine_loads(router).values()),
+                       10, "the router reads both engines")
+            homes: dict[int, set[str]] = {}
+            for turn in range(4):
+                for tenant in range(6):
+                    system = f"You are assistant {tenant} of tenant {tenant}. " * 20
+                    response = router.client.post("/v1/chat/completions", json={
+                        "model": MODEL, "messages": [
+                            {"role": "system", "content": system},
+                            {"role": "user", "content": f"question {turn}"}]})
+                    assert response.status_code == 200, response.text
+                    homes.setdefault(tenant, set()).add(response.headers["x-routeyard-backend"])
+            assert all(len(names) == 1 for names in homes.values()), homes
+            assert set().union(*homes.values()) == {"a", "b"}, homes
+            blocks = router.scrape()[("routeyard_prefix_index_blocks", (("model", MODEL),))]
+            assert blocks > 0
+        finally:
+            router.stop()

@@ -10,12 +10,15 @@ from typing import Any
 
 import pytest
 
+from router import config, snapshot
 from router.balancer import PreferredOnRing, Scored, make_balancer
 from router.cluster import Cluster
 from router.config import OutlierDetection
+from router.discovery import Resolver
 from router.endpoint import Endpoint, Member
 from router.engine_load import EngineLoad, EngineReading
 from router.errors import QueueTimeout
+from router.prefix_index import PrefixIndex, text_blocks
 from router.scoring import Thresholds, Weights, kv_cache_score, saturated, spread
 from tests.unit.fleet_core import eject, endpoints, model_config, registry
 
@@ -352,3 +355,67 @@ async def test_a_placed_lease_names_its_backend_without_someone_elses_scores() -
     async with lease as endpoint:
         assert endpoint is a
         assert lease.explain == ((b"x-routeyard-backend", b"0"),)
+
+
+# -- cache_aware over the model's prefix index -----------------------------------------------
+
+def indexed(eps: list[Endpoint], clock: Clock, index: PrefixIndex, **spec: Any) -> Scored:
+    balancer = make_balancer(model_config(policy="cache_aware", prefix={"block_chars": 16},
+                                          **spec), named(eps), clock, prefix_index=index)
+    assert isinstance(balancer, Scored)
+    return balancer
+
+
+def prompt(tenant: int, turn: int) -> str:
+    return f"tenant {tenant:03d} system: " + "rules " * 40 + f"user: question {turn}"
+
+
+def test_cache_aware_sends_each_prompt_where_its_blocks_are() -> None:
+    """Six tenants, each with its own long system prompt, whose first requests could only
+    go to one backend (the others tried): every later request of a tenant goes where its
+    blocks are, not where a hash of its prompt would (all engines idle)."""
+    clock = Clock()
+    eps = endpoints(registry(), 4)
+    for e in eps:
+        read(e, clock)
+    index = PrefixIndex(10_000)
+    balancer = indexed(eps, clock, index)
+    for tenant in range(6):
+        assert balancer.pick(prompt(tenant, 0), set(eps[:3])) is eps[3]
+    for turn in range(1, 5):
+        for tenant in range(6):
+            assert balancer.pick(prompt(tenant, turn), set()) is eps[3], (tenant, turn)
+    assert index.held_by("http://e3:8000") == len(index) > 0
+
+
+def test_a_shared_prompt_spreads_under_bounded_load() -> None:
+    """100 sessions of one system prompt, each held in flight: the backend with the
+    blocks loses its preference once above load_factor times the mean, so all four serve
+    (the prefix weight alone here: the load scorers would spread them too)."""
+    clock = Clock()
+    eps = endpoints(registry(), 4)
+    for e in eps:
+        read(e, clock)
+    alone = {"weights": {"queue": 0, "kv_cache": 0, "in_flight": 0, "prefix": 3}}
+    balancer = indexed(eps, clock, PrefixIndex(10_000), scoring=alone)
+    picks = take(balancer, 100, key=prompt(1, 0))
+    assert len(picks) == 4 and min(picks.values()) >= 15, picks
+
+
+async def test_the_index_outlives_a_reload_and_forgets_backends_that_left() -> None:
+    reg = registry()
+    text = ("models:\n  m:\n    policy: cache_aware\n    endpoints: [chat]\n"
+            "    backends: [{url: 'http://e0:8000'}, {url: 'http://e1:8000'}]\n")
+    first = await snapshot.build(config.parse(text.encode()), reg, Resolver())
+    index = first.models["m"].cluster.prefix_index
+    assert index is not None
+    index.record("http://e1:8000", text_blocks("a prompt " * 10, 16))
+    index.record("http://e0:8000", text_blocks("another one " * 10, 16))
+    again = await snapshot.build(config.parse(text.replace(
+        ", {url: 'http://e1:8000'}", "").encode()), reg, Resolver())
+    assert again.models["m"].cluster.prefix_index is index
+    assert index.endpoints() == ["http://e0:8000"]  # e1 left the model
+    plain = await snapshot.build(config.parse(text.replace("cache_aware", "load_aware")
+                                              .encode()), reg, Resolver())
+    assert plain.models["m"].cluster.prefix_index is None
+    assert reg.prefix_indexes.sizes() == []  # no cache_aware model: no index kept
