@@ -157,17 +157,18 @@ class KVCache:
             n += 1
         return n
 
-    def acquire(self, hashes: Sequence[int]) -> None:
-        for h in hashes:
-            count = self.refs[h]
-            if count == 0:
-                del self.lru[h]
-            self.refs[h] = count + 1
-
-    def allocate(self, count: int) -> bool:
-        """Take ``count`` private blocks, evicting least recently used cached blocks."""
-        if count > self.free():
+    def take(self, hits: Sequence[int], count: int) -> bool:
+        """Reference the cached blocks ``hits`` and allocate ``count`` private blocks,
+        evicting least recently used unreferenced blocks (never one of ``hits``); False,
+        with nothing changed, when there is not room."""
+        evictable_hits = sum(1 for h in hits if self.refs[h] == 0)
+        if count > self.free() - evictable_hits:
             return False
+        for h in hits:
+            n = self.refs[h]
+            if n == 0:
+                del self.lru[h]
+            self.refs[h] = n + 1
         while self.num_blocks - len(self.refs) - self.private < count:
             victim, _ = self.lru.popitem(last=False)
             del self.refs[victim]
@@ -296,10 +297,10 @@ class ServingModel:
         # The last prompt token is always computed, so a fully cached prompt hits all but
         # the block that holds it.
         hits = self.cache.match(seq.hashes, (len(seq.prompt) - 1) // bs)
-        if not self.cache.allocate(prompt_blocks - hits + output_blocks):
+        held = seq.hashes[:hits]
+        if not self.cache.take(held, prompt_blocks - hits + output_blocks):
             return False
-        self.cache.acquire(seq.hashes[:hits])
-        seq.held = list(seq.hashes[:hits])
+        seq.held = held
         seq.private = prompt_blocks - hits + output_blocks
         seq.cached_tokens = seq.computed = hits * bs
         c = self.counters

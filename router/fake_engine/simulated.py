@@ -14,6 +14,7 @@ vLLM's ``ignore_eos``, else the ``tokens`` knob.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -30,6 +31,8 @@ from router.fake_engine.state import EngineError, Tokenizer
 
 #: ``/tokenize`` of a simulated engine: the serving model's word tokens.
 WORD_TOKENIZER = Tokenizer(token_ids, str.split)
+
+log = logging.getLogger("routeyard.fake_engine")
 
 #: vLLM's engine index label (one engine core per server here).
 ENGINE_LABEL = "0"
@@ -64,6 +67,13 @@ class SimulatedEngine:
         return seq, changed
 
     async def _drive(self) -> None:
+        try:
+            await self._steps()
+        except Exception:
+            log.exception("the serving model failed; this engine answers no more chats")
+            raise
+
+    async def _steps(self) -> None:
         loop = asyncio.get_running_loop()
         scale = self.params.time_scale
         deadline = loop.time()
