@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serving", action="append", default=[], metavar="NAME=VALUE",
                    help="a replica's serving parameter over the benchmark's settings, "
                         "e.g. num_blocks=27000")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="tenant popularity: 0 uniform (default), s > 0 Zipf with exponent s")
     p.add_argument("--seed", type=int, default=16)
     p.add_argument("--startup-timeout", type=float, default=60.0)
     p.add_argument("--out", type=Path, help="also write the Markdown report here")
@@ -290,16 +292,18 @@ async def run_load(client: Client, plan: list[Arrival], warm_s: float, drain_s: 
     return samples, window, delta
 
 
-async def prime(client: Client, tenants: int, concurrency: int) -> None:
-    """Each tenant's system prompt once, through the policy, a few at a time."""
+async def prime(client: Client, tenants: int, concurrency: int) -> list[str]:
+    """Each tenant's system prompt once, through the policy, a few at a time; the errors."""
     gate = asyncio.Semaphore(concurrency)
+    samples = [Sample(0.0, False) for _ in range(tenants)]
 
     async def one(tenant: int) -> None:
         async with gate:
-            await client.send(Arrival(0.0, tenant, "hello", 1), Sample(0.0, False))
+            await client.send(Arrival(0.0, tenant, "hello", 1), samples[tenant])
 
     await asyncio.gather(*(one(t) for t in range(tenants)))
     client.close()
+    return [s.error for s in samples if s.error]
 
 
 # the run ------------------------------------------------------------------------------
@@ -331,7 +335,10 @@ def run_policy(sup: Supervisor, policy: str, ports: list[int], run: Run,
         wait_idle(ports, 30)
         reset_caches(ports)
         client = Client(port, prompts, args.time_scale)
-        uvloop.run(prime(client, args.tenants, len(ports)))
+        errors = uvloop.run(prime(client, args.tenants, len(ports)))
+        if errors:
+            run.failures.append(f"{policy}: {len(errors)} priming requests failed, "
+                                f"e.g. {errors[0]}")
         for i, load in enumerate(args.loads):
             rate = load * run.capacity
             plan = arrivals(run.workload, rate, args.warm + args.measure, args.seed + i)
@@ -414,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown policies {unknown}; choose from {', '.join(POLICIES)}",
               file=sys.stderr)
         return 2
-    workload = Workload(tenants=args.tenants, seed=args.seed)
+    if args.skew < 0:
+        print(f"error: --skew {args.skew:g}: must be 0 (uniform) or more", file=sys.stderr)
+        return 2
+    workload = Workload(tenants=args.tenants, seed=args.seed, skew=args.skew)
     capacity = args.replicas * replica_capacity(params, workload)
     run = Run(params, workload, capacity)
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="routeyard-fleet-"))
@@ -464,7 +474,9 @@ def settings(args: argparse.Namespace, params: ServingParams, workload: Workload
                     f"-{workload.system_tokens[1]} tokens, user turns of "
                     f"{workload.user_tokens[0]}-{workload.user_tokens[1]}, outputs of "
                     f"{workload.output_tokens[0]}-{workload.output_tokens[1]} tokens "
-                    f"(uniform), streamed; Poisson arrivals, tenants uniform",
+                    f"(uniform), streamed; Poisson arrivals, tenants "
+                    + (f"by Zipf's law, exponent {workload.skew:g}" if workload.skew
+                       else "uniform"),
         "capacity": f"{replica:.1f} requests/s per replica, {capacity:.1f} for the fleet "
                     "(simulated): every slot busy, every system prompt a hit "
                     "(`benchmarks/fleet_workload.replica_capacity`)",

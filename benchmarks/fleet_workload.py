@@ -7,6 +7,7 @@ same prompts and the same arrival times.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import string
@@ -23,13 +24,19 @@ _VOCAB = tuple("".join(random.Random(i).choices(string.ascii_lowercase, k=3 + i 
 class Workload:
     """Tenants with shared system prompts; each request is a tenant's system prompt plus a
     short user turn of its own, answered with a fixed number of tokens. Lengths are in
-    the simulator's tokens (words), each drawn uniformly from its range."""
+    the simulator's tokens (words), each drawn uniformly from its range. Tenants are
+    picked uniformly, or with ``skew`` > 0 by Zipf's law (tenant *k* in proportion to
+    1 / (k + 1) ** skew)."""
 
     tenants: int = 100
     system_tokens: tuple[int, int] = (2000, 6000)
     user_tokens: tuple[int, int] = (50, 150)
     output_tokens: tuple[int, int] = (64, 192)
     seed: int = 16
+    skew: float = 0.0
+
+    def tenant_weights(self) -> list[float]:
+        return [1.0 / (k + 1) ** self.skew for k in range(self.tenants)]
 
     def system_prompts(self) -> list[str]:
         rng = random.Random(self.seed)
@@ -51,15 +58,16 @@ class Arrival:
 
 
 def arrivals(workload: Workload, rate: float, seconds: float, seed: int) -> list[Arrival]:
-    """An open-loop Poisson process at ``rate`` requests per (simulated) second, tenants
-    picked uniformly."""
+    """An open-loop Poisson process at ``rate`` requests per (simulated) second."""
     rng = random.Random(seed)
+    tenants = range(workload.tenants)
+    weights = list(itertools.accumulate(workload.tenant_weights()))
     out: list[Arrival] = []
     t = rng.expovariate(rate)
     while t < seconds:
         user = " ".join(rng.choices(_VOCAB, k=rng.randint(*workload.user_tokens)))
-        out.append(Arrival(t, rng.randrange(workload.tenants), user,
-                           rng.randint(*workload.output_tokens)))
+        tenant = rng.choices(tenants, cum_weights=weights)[0]
+        out.append(Arrival(t, tenant, user, rng.randint(*workload.output_tokens)))
         t += rng.expovariate(rate)
     return out
 

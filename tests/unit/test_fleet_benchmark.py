@@ -58,6 +58,14 @@ def test_arrivals_are_a_reproducible_poisson_stream_over_the_tenants() -> None:
     assert len({p[:256] for p in workload.system_prompts()}) == 7  # distinct prefixes
 
 
+def test_a_skewed_workload_sends_the_first_tenants_the_most() -> None:
+    plan = arrivals(Workload(tenants=10, skew=1.0), 500.0, 10.0, seed=2)
+    counts = [sum(1 for a in plan if a.tenant == k) for k in range(10)]
+    # Zipf, exponent 1: tenant 0 gets 1 / H(10) = 34 % of requests, tenant 9 3.4 %.
+    assert counts[0] / len(plan) == pytest.approx(0.341, abs=0.03)
+    assert counts[0] > 5 * counts[9]
+
+
 def test_a_percentile_over_cut_off_requests_is_a_lower_bound() -> None:
     done = [(float(v), False) for v in range(1, 11)]
     assert percentile(done, 0.5) == (5.0, False)
