@@ -59,7 +59,6 @@ import router.fake_engine.audio as audio
 import router.fake_engine.generate as generate
 import router.fake_engine.ops as ops
 import router.fake_engine.pooling as pooling
-import router.fake_engine.simulated as simulated
 from router.catalog import ROUTES
 from router.fake_engine.call import Call, json_response
 from router.fake_engine.formats import anthropic_error
@@ -112,12 +111,6 @@ HANDLERS: dict[str, Handler] = {
     "/load": ops.load,
 }
 
-#: A simulated engine's handlers, over ``HANDLERS``.
-SIMULATED_HANDLERS: dict[str, Handler] = {
-    "/v1/chat/completions": simulated.chat_completions,
-    "/metrics": simulated.metrics,
-}
-
 #: vLLM runs uvicorn with ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE`` = 5 s; idle connections close.
 KEEP_ALIVE_TIMEOUT_S = 5
 
@@ -147,8 +140,7 @@ def create_app(models: list[str], task: str, *, latency_ms: float = 0,
     app.ctx.engine = state
     handlers = HANDLERS
     if serving is not None:
-        handlers = {**HANDLERS, **SIMULATED_HANDLERS}
-        _add_simulation(app, state, serving)
+        handlers = {**HANDLERS, **_add_simulation(app, state, serving)}
 
     labels = TASK_LABELS[task]
     for route in ROUTES:
@@ -176,8 +168,13 @@ def run(models: list[str], task: str, host: str = "127.0.0.1", port: int = 8000,
             backlog=LISTEN_BACKLOG)
 
 
-def _add_simulation(app: DefaultSanic, state: EngineState, params: ServingParams) -> None:
-    """The serving model, its driver (started with the server) and its extra routes."""
+def _add_simulation(app: DefaultSanic, state: EngineState,
+                    params: ServingParams) -> dict[str, Handler]:
+    """The serving model, its driver (started with the server) and its extra routes; the
+    catalog handlers it replaces. Imported here: only a simulated engine loads
+    prometheus-client."""
+    import router.fake_engine.simulated as simulated
+
     engine = simulated.SimulatedEngine(params, state.models[0])
     app.ctx.simulated = engine
     state.tokenizer = simulated.WORD_TOKENIZER
@@ -192,6 +189,7 @@ def _add_simulation(app: DefaultSanic, state: EngineState, params: ServingParams
     app.after_server_stop(stop)
     app.add_route(_endpoint(simulated.reset_prefix_cache, inference=False),
                   "/reset_prefix_cache", methods=["POST"], name="reset_prefix_cache")
+    return {"/v1/chat/completions": simulated.chat_completions, "/metrics": simulated.metrics}
 
 
 def _endpoint(handler: Handler, *, inference: bool) -> Endpoint:
