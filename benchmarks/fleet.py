@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -35,7 +36,13 @@ from benchmarks.fleet_workload import (
     percentile,
     replica_capacity,
 )
-from benchmarks.procs import Supervisor, free_port, machine_busy_seconds, wait_healthy
+from benchmarks.procs import (
+    Supervisor,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    wait_healthy,
+)
 from benchmarks.stack import HOST, log
 from benchmarks.stream_client import StreamConnection, build_request
 from router.config import ConfigError, parse
@@ -144,14 +151,16 @@ def totals(ports: list[int]) -> dict[str, float]:
     return sums
 
 
+def in_progress(port: int) -> float:
+    """Requests the replica has running or waiting."""
+    m = scrape(port)
+    return m.get("vllm:num_requests_running", 0.0) + m.get("vllm:num_requests_waiting", 0.0)
+
+
 def wait_idle(ports: list[int], timeout_s: float) -> None:
     """Until no replica has a request running or waiting."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        busy = [p for p in ports if (lambda m: m.get("vllm:num_requests_running", 0)
-                                     + m.get("vllm:num_requests_waiting", 0))(scrape(p))]
-        if not busy:
-            return
+    while busy := [p for p in ports if in_progress(p)]:
         if time.monotonic() > deadline:
             raise TimeoutError(f"replicas on ports {busy} still busy after {timeout_s:.0f}s")
         time.sleep(0.1)
@@ -431,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     prompts = workload.system_prompts()
     started = time.monotonic()
-    busy0 = machine_busy_seconds()
+    busy0, own0 = machine_busy_seconds(), cpu_seconds(os.getpid(), waited_children=True)
     with Supervisor(log_dir) as sup:
         ports = [free_port() for _ in range(args.replicas)]
         engines = [sup.start(f"replica-{i}", engine_argv(port, params))
@@ -450,9 +459,12 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, RuntimeError, TimeoutError, urllib.error.URLError) as exc:
                 run.failures.append(f"{policy}: {exc!r}")
                 log(f"{policy} failed: {exc!r}")
-    wall = time.monotonic() - started
-    run.settings = settings(args, params, workload, capacity, wall,
-                            (machine_busy_seconds() - busy0) / wall, log_dir)
+        # Before the replicas are stopped: once reaped, their CPU time is counted in ours.
+        wall = time.monotonic() - started
+        own = sup.running_cpu_seconds() + cpu_seconds(os.getpid(), waited_children=True) - own0
+        busy = machine_busy_seconds() - busy0
+    run.settings = settings(args, params, workload, capacity, wall, own / wall, busy / wall,
+                            log_dir)
     text = render(run)
     print(text)
     if args.out:
@@ -463,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def settings(args: argparse.Namespace, params: ServingParams, workload: Workload,
-             capacity: float, wall: float, busy: float, log_dir: Path) -> dict[str, str]:
+             capacity: float, wall: float, own: float, busy: float,
+             log_dir: Path) -> dict[str, str]:
     replica = capacity / args.replicas
     return {
         "replicas": f"{args.replicas} x `python -m router.fake_engine --simulate`, one "
@@ -484,8 +497,8 @@ def settings(args: argparse.Namespace, params: ServingParams, workload: Workload
                              f"{args.warm:g} s warm-up + {args.measure:g} s measured arrivals, "
                              f"up to {args.drain:g} s to drain (simulated)",
         "time scale": f"{args.time_scale:g} real seconds per simulated second",
-        "wall time": f"{wall:.0f} s; the machine's CPUs were {busy:.2f} busy on average "
-                     "(everything, this run included)",
+        "wall time": f"{wall:.0f} s; this run's processes used {own:.2f} CPUs on average, "
+                     f"the machine's were {busy:.2f} busy (everything, this run included)",
         "logs": str(log_dir),
     }
 

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import fleet
 from benchmarks.fleet_workload import Workload, arrivals, percentile, replica_capacity
-from router.fake_engine.serving import ServingModel, token_ids
+from router.fake_engine.serving import ServingModel, ServingParams, token_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,6 +88,18 @@ def test_replica_settings_reach_the_engine_command_line() -> None:
     assert "num_blocks=500" in argv and "time_scale=0.5" in argv and "max_num_seqs=32" in argv
     with pytest.raises(ValueError, match="NAME=VALUE"):
         fleet.replica_params(["nope=1"], 1.0)
+
+
+def test_the_performance_doc_states_the_serving_models_defaults() -> None:
+    text = (ROOT / "docs" / "performance.md").read_text()
+    section = text[text.index("## Fleet simulation"):]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([\d./]+)`", section, re.M))
+    defaults = ServingParams()
+    assert set(rows) == set(ServingParams.__dataclass_fields__)
+    for name, written in rows.items():
+        top, _, bottom = written.partition("/")
+        value = float(top) / float(bottom or 1)
+        assert value == pytest.approx(getattr(defaults, name)), name
 
 
 def test_the_command_runs_end_to_end_for_every_policy_this_tree_has(tmp_path: Path) -> None:
