@@ -59,6 +59,7 @@ def chat(url: str, user: str, tokens: int = 7) -> tuple[float, list[str]]:
 
 def test_a_cached_system_prompt_answers_sooner_and_the_counters_show_the_hit(
         engine: str) -> None:
+    httpx.post(engine + "/reset_prefix_cache").raise_for_status()
     before = metrics(engine)
     cold, deltas = chat(engine, "first question")
     warm, _ = chat(engine, "second question")
