@@ -57,6 +57,8 @@ MODEL = "fleet-model"
 #: decides whether its prompt is cached; 16 tokens per streamed chunk.
 REPLICA_SETTINGS = {"max_num_seqs": 32, "num_blocks": 12_000, "stream_interval": 16}
 COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:generation_tokens")
+#: Real seconds the priming requests may take (about 10 with the default workload).
+PRIME_TIMEOUT_S = 120.0
 #: The goal at 80 % load: cache_aware's P90 TTFT this many times lower than each of these.
 GOALS = {"round_robin": 5.0, "prefix": 2.0}
 
@@ -301,8 +303,10 @@ async def run_load(client: Client, plan: list[Arrival], warm_s: float, drain_s: 
     return samples, window, delta
 
 
-async def prime(client: Client, tenants: int, concurrency: int) -> list[str]:
-    """Each tenant's system prompt once, through the policy, a few at a time; the errors."""
+async def prime(client: Client, tenants: int, concurrency: int,
+                timeout_s: float) -> list[str]:
+    """Each tenant's system prompt once, through the policy, a few at a time; the errors.
+    TimeoutError past ``timeout_s`` real seconds."""
     gate = asyncio.Semaphore(concurrency)
     samples = [Sample(0.0, False) for _ in range(tenants)]
 
@@ -310,8 +314,13 @@ async def prime(client: Client, tenants: int, concurrency: int) -> list[str]:
         async with gate:
             await client.send(Arrival(0.0, tenant, "hello", 1), samples[tenant])
 
-    await asyncio.gather(*(one(t) for t in range(tenants)))
-    client.close()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(one(t) for t in range(tenants)))
+    except TimeoutError:
+        raise TimeoutError(f"priming {tenants} tenants took over {timeout_s:.0f}s") from None
+    finally:
+        client.close()
     return [s.error for s in samples if s.error]
 
 
@@ -344,7 +353,7 @@ def run_policy(sup: Supervisor, policy: str, ports: list[int], run: Run,
         wait_idle(ports, 30)
         reset_caches(ports)
         client = Client(port, prompts, args.time_scale)
-        errors = uvloop.run(prime(client, args.tenants, len(ports)))
+        errors = uvloop.run(prime(client, args.tenants, len(ports), PRIME_TIMEOUT_S))
         if errors:
             run.failures.append(f"{policy}: {len(errors)} priming requests failed, "
                                 f"e.g. {errors[0]}")
