@@ -140,10 +140,11 @@ class _Collector:
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine "
                                  "CacheConfig", labels=[
                                      "block_size", "cache_dtype", "enable_prefix_caching",
-                                     "engine", "kv_cache_size_tokens", "num_gpu_blocks",
-                                     "prefix_caching_hash_algo"])
+                                     "engine", "kv_cache_size_tokens", "model_name",
+                                     "num_gpu_blocks", "prefix_caching_hash_algo"])
         info.add_metric([str(p.block_size), "auto", "True", ENGINE_LABEL,
-                         str(p.kv_cache_tokens), str(p.num_blocks), "sha256"], 1.0)
+                         str(p.kv_cache_tokens), e.model_name, str(p.num_blocks), "sha256"],
+                        1.0)
         yield info
 
 

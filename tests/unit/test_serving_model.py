@@ -234,3 +234,4 @@ def test_metrics_have_vllms_names_labels_and_values() -> None:
     info = samples["vllm:cache_config_info"].labels
     assert info["block_size"] == "4" and info["enable_prefix_caching"] == "True"
     assert info["num_gpu_blocks"] == "10" and info["kv_cache_size_tokens"] == "40"
+    assert info["engine"] == "0" and info["model_name"] == "fleet-model"
