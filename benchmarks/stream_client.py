@@ -68,7 +68,7 @@ class StreamStats:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-class _StreamConnection(asyncio.Protocol):
+class StreamConnection(asyncio.Protocol):
     """One keep-alive connection; one request in flight at a time."""
 
     def __init__(self) -> None:
@@ -124,12 +124,12 @@ async def _worker(host: str, port: int, request: bytes, deadline: float,
                   max_streams: int | None, expect_events: int | None,
                   stats: StreamStats) -> None:
     loop = asyncio.get_running_loop()
-    conn: _StreamConnection | None = None
+    conn: StreamConnection | None = None
     done = 0
     while time.perf_counter() < deadline and (max_streams is None or done < max_streams):
         try:
             if conn is None or conn.transport is None:
-                _, conn = await loop.create_connection(_StreamConnection, host, port)
+                _, conn = await loop.create_connection(StreamConnection, host, port)
             t0 = time.perf_counter()
             await asyncio.wait_for(conn.start(request), timeout=30)
         except (TimeoutError, OSError, httptools.HttpParserError):

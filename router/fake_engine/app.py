@@ -35,6 +35,11 @@ Introspection, under ``/_fake/`` so it can never clash with vLLM:
   sets sticky knobs (same names as the headers, ``_`` for ``-``) for the next ``count``
   requests (all, if omitted) to ``paths`` (any, if omitted); headers still win.
 * ``POST /_fake/reset``: clears both logs and any injection.
+
+With ``serving`` (``--simulate``), chat completions go through a serving model of a vLLM
+engine (slots, queue, prefix-cached KV blocks, step costs) and the engine also serves
+``GET /metrics`` with vLLM's metric names and ``POST /reset_prefix_cache``; see
+``simulated``.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import router.fake_engine.pooling as pooling
 from router.catalog import ROUTES
 from router.fake_engine.call import Call, json_response
 from router.fake_engine.formats import anthropic_error
+from router.fake_engine.serving import ServingParams
 from router.fake_engine.state import (
     KNOB_FIELDS,
     TASKS,
@@ -115,8 +121,12 @@ _app_ids = itertools.count()
 
 
 def create_app(models: list[str], task: str, *, latency_ms: float = 0,
-               token_delay_ms: float = 0, tokens: int = 8) -> DefaultSanic:
-    """A Sanic app serving ``models`` for ``task`` (generate, embed, score, transcription)."""
+               token_delay_ms: float = 0, tokens: int = 8,
+               serving: ServingParams | None = None) -> DefaultSanic:
+    """A Sanic app serving ``models`` for ``task`` (generate, embed, score, transcription);
+    with ``serving``, a simulated vLLM engine (generate only)."""
+    if serving is not None and task != "generate":
+        raise ValueError(f"a simulated engine serves task generate, not {task!r}")
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not one of {', '.join(TASKS)}; pick one of those")
     if not models or not all(isinstance(m, str) and m for m in models):
@@ -128,10 +138,13 @@ def create_app(models: list[str], task: str, *, latency_ms: float = 0,
     defaults = Knobs(latency_ms=latency_ms, token_delay_ms=token_delay_ms, tokens=tokens)
     state = EngineState(models=tuple(models), task=task, defaults=defaults)
     app.ctx.engine = state
+    handlers = HANDLERS
+    if serving is not None:
+        handlers = {**HANDLERS, **_add_simulation(app, state, serving)}
 
     labels = TASK_LABELS[task]
     for route in ROUTES:
-        handler = HANDLERS.get(route.path)
+        handler = handlers.get(route.path)
         if handler is None or route.task not in labels:
             continue
         for path in route.sanic_paths:
@@ -146,12 +159,37 @@ def create_app(models: list[str], task: str, *, latency_ms: float = 0,
 
 
 def run(models: list[str], task: str, host: str = "127.0.0.1", port: int = 8000, *,
-        latency_ms: float = 0, token_delay_ms: float = 0, tokens: int = 8) -> None:
+        latency_ms: float = 0, token_delay_ms: float = 0, tokens: int = 8,
+        serving: ServingParams | None = None) -> None:
     """Serve a fake engine in this process until interrupted."""
     app = create_app(models, task, latency_ms=latency_ms, token_delay_ms=token_delay_ms,
-                     tokens=tokens)
+                     tokens=tokens, serving=serving)
     app.run(host=host, port=port, single_process=True, access_log=False, motd=False,
             backlog=LISTEN_BACKLOG)
+
+
+def _add_simulation(app: DefaultSanic, state: EngineState,
+                    params: ServingParams) -> dict[str, Handler]:
+    """The serving model, its driver (started with the server) and its extra routes; the
+    catalog handlers it replaces. Imported here: only a simulated engine loads
+    prometheus-client."""
+    import router.fake_engine.simulated as simulated
+
+    engine = simulated.SimulatedEngine(params, state.models[0])
+    app.ctx.simulated = engine
+    state.tokenizer = simulated.WORD_TOKENIZER
+
+    async def start(_app: DefaultSanic) -> None:
+        engine.start()
+
+    async def stop(_app: DefaultSanic) -> None:
+        await engine.stop()
+
+    app.before_server_start(start)
+    app.after_server_stop(stop)
+    app.add_route(_endpoint(simulated.reset_prefix_cache, inference=False),
+                  "/reset_prefix_cache", methods=["POST"], name="reset_prefix_cache")
+    return {"/v1/chat/completions": simulated.chat_completions, "/metrics": simulated.metrics}
 
 
 def _endpoint(handler: Handler, *, inference: bool) -> Endpoint:

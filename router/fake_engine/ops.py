@@ -49,8 +49,8 @@ async def tokenize(call: Call) -> HTTPResponse | None:
     else:
         raise missing_field(("body", "prompt"))
     call.state.resolve_model(body.get("model"))
-    ids = tokens.tokenize(text)
-    strs = [tokens.detokenize([i]) for i in ids] if flag(body.get("return_token_strs")) else None
+    ids = call.state.tokenizer.ids(text)
+    strs = call.state.tokenizer.strs(text) if flag(body.get("return_token_strs")) else None
     return await call.reply({"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
                              "token_strs": strs})
 

@@ -6,12 +6,15 @@ import contextlib
 import hashlib
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 from sanic import Request
+
+import router.fake_engine.tokens as tokens
 
 LOG_LIMIT = 10_000
 TASKS = ("generate", "embed", "score", "transcription")
@@ -117,6 +120,19 @@ class Injection:
         return self.knobs
 
 
+@dataclass(frozen=True, slots=True)
+class Tokenizer:
+    """What ``/tokenize`` answers: token ids and token strings of a text."""
+
+    ids: Callable[[str], list[int]]
+    strs: Callable[[str], list[str]]
+
+
+#: The default fake engine's tokenizer: UTF-8 bytes (see ``tokens``).
+BYTE_TOKENIZER = Tokenizer(tokens.tokenize,
+                           lambda text: [tokens.detokenize([i]) for i in tokens.tokenize(text)])
+
+
 @dataclass(slots=True)
 class EngineState:
     models: tuple[str, ...]
@@ -129,6 +145,7 @@ class EngineState:
     in_flight: int = 0
     #: Responses API answers made with ``store`` (vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1)
     stored: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+    tokenizer: Tokenizer = BYTE_TOKENIZER
 
     def store(self, response: dict[str, Any]) -> None:
         self.stored[response["id"]] = response
