@@ -180,7 +180,7 @@ class Saturation(_Strict):
     """Past either threshold a backend is not picked while another is below both."""
 
     #: The engine's waiting requests (``vllm:num_requests_waiting``).
-    queue: int = Field(default=5, ge=1)
+    queue: int = Field(default=16, ge=1)
     #: The engine's KV-cache use (``vllm:kv_cache_usage_perc``), 0..1.
     kv_cache: float = Field(default=0.9, gt=0.0, le=1.0)
 
@@ -192,7 +192,7 @@ class ScorerWeights(_Strict):
     kv_cache: float = Field(default=2.0, ge=0.0)
     in_flight: float = Field(default=1.0, ge=0.0)
     #: ``cache_aware`` only.
-    prefix: float = Field(default=3.0, ge=0.0)
+    prefix: float = Field(default=6.0, ge=0.0)
     #: ``load_aware`` only (its key is then the session's).
     session: float = Field(default=0.0, ge=0.0)
 

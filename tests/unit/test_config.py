@@ -191,7 +191,7 @@ def test_scoring_blocks_merge_key_by_key_with_the_defaults() -> None:
     a, b, c = (config.models[n] for n in "abc")
     assert (a.scoring.weights.queue, a.scoring.weights.kv_cache) == (4, 3)
     assert a.scoring.saturation.queue == 8 and a.scoring.saturation.kv_cache == 0.9
-    assert b.scoring.weights.prefix == 3 and b.scoring.weights.queue == 4
+    assert b.scoring.weights.prefix == 6 and b.scoring.weights.queue == 4
     assert (b.engine_metrics.interval, b.engine_metrics.max_age) == (0.05, 1.0)
     assert b.engine_metrics.timeout == 0.2 and b.backends[0].name == "gpu-b"
     assert a.scrapes and b.scrapes and not c.scrapes

@@ -188,7 +188,7 @@ def test_stale_and_saturated_together_wait_rather_than_fall_back() -> None:
     clock = Clock()
     a, b = endpoints(registry(), 2)
     balancer = scored([a, b], clock)
-    read(a, clock, waiting=10)
+    read(a, clock, waiting=20)
     assert balancer.pick(None, set()) is None  # b never read, a full
 
 
@@ -225,7 +225,8 @@ def test_cache_aware_sends_a_prefix_to_its_backend_and_spills_when_it_is_loaded(
     eps = endpoints(registry(), 4)
     for e in eps:
         read(e, clock)
-    balancer = scored(eps, clock, policy="cache_aware")
+    # the consistent-hash fallback (no index) at llm-d's weight: the load scorers outweigh it
+    balancer = scored(eps, clock, policy="cache_aware", scoring={"weights": {"prefix": 3}})
     picks = take(balancer, 4, key="system: you are a tax assistant")
     assert len(picks) < 4  # the preferred backend took more than its share
     (_, count), *_ = picks.most_common()
@@ -248,7 +249,7 @@ def test_explain_lists_each_candidates_scores_and_why_the_others_are_out() -> No
     a, b, c = endpoints(registry(), 3)
     read(a, clock, running=4, kv=0.5)
     read(b, clock)
-    read(c, clock, waiting=9)
+    read(c, clock, waiting=20)
     balancer = scored([a, b, c], clock, scoring={"explain": True})
     picked = balancer.pick(None, set())
     assert picked is b
@@ -267,7 +268,7 @@ async def test_all_saturated_waits_in_the_queue_and_a_scrape_showing_room_wakes_
     config = model_config(policy="load_aware", queue={"size": 4, "timeout": "30s"})
     cluster = Cluster(config, named([a, b]), OutlierDetection())
     cluster.balancer = make_balancer(config, cluster.routable, clock)
-    read(a, clock, waiting=9)
+    read(a, clock, waiting=20)
     read(b, clock, kv=0.95)
     waiting = asyncio.ensure_future(cluster.acquire(None, set()))
     await asyncio.sleep(0)
@@ -284,7 +285,7 @@ async def test_all_saturated_with_a_full_queue_is_a_429() -> None:
     config = model_config(policy="load_aware", queue={"size": 0})
     cluster = Cluster(config, named([a]), OutlierDetection())
     cluster.balancer = make_balancer(config, cluster.routable, clock)
-    read(a, clock, waiting=9)
+    read(a, clock, waiting=20)
     with pytest.raises(QueueTimeout, match="the queue is full"):
         await cluster.acquire(None, set())
 
