@@ -195,7 +195,7 @@ def test_queue_wait_is_on_the_routing_span_and_429_is_counted(
 
     holder, waiter, rejected = (secrets.token_hex(16) for _ in range(3))
     with cf.ThreadPoolExecutor(3) as pool:
-        first = pool.submit(send, 600, holder)
+        first = pool.submit(send, 2000, holder)  # outlasts the next two sends on a loaded machine
         wait_until(lambda: _in_flight(traced) == 1, 5, "the first request holds the slot")
         second = pool.submit(send, 0, waiter)  # waits in the queue (size 1)
         wait_until(lambda: _gauge(traced, "routeyard_queued_requests", model="obs-queue") == 1,
