@@ -202,6 +202,13 @@ async def test_a_flooded_engine_gets_almost_none_of_the_routers_requests(fleet: 
                 return counts["num_requests_running"] == 2 and counts["num_requests_waiting"] >= 1
 
             await eventually(flooded, 30, "A running two and queueing")
+
+            async def router_sees_it() -> bool:
+                view = (await client.get(f"{fleet.router.url}/admin/backends")).json()
+                (load,) = [x["engine_load"] for x in view["load"]["backends"] if x["name"] == "a"]
+                return bool(load["running"] == 2 and load["waiting"] >= 1)
+
+            await eventually(router_sees_it, 10, "the router's reading of A flooded")
             started = time.monotonic()
             await asyncio.gather(shorts(client, 25), shorts(client, 25))  # two at a time
             took = time.monotonic() - started
