@@ -226,7 +226,7 @@ async def test_a_flooded_engine_gets_almost_none_of_the_routers_requests(fleet: 
     on_a = a.counts()["done"] - before_a["done"] - floods_done
     print(f"routing (a): of 50 short requests B answered {on_b:.0f} ({on_b / 50:.0%}), "
           f"A {on_a:.0f}, in {took:.1f} s, beside {floods_done} long generations on A "
-          f"finished and 4 aborted; A was picked with {why_a}")
+          f"finished and {len(floods)} aborted; A was picked with {why_a}")
     assert sum(answered.values()) == 50
     assert on_b >= 45
     assert on_a >= answered["a"]  # A's own counter has every one the router sent it
