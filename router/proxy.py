@@ -127,7 +127,7 @@ async def admit(
     ``principal`` limits the models it may see (an unknown and a hidden model both get
     404); ``limited`` is the key whose rate limits it is charged to; ``form`` is the
     multipart form the body holds (audio routes), else the body is JSON."""
-    model = snapshot.models.get(name)
+    model = snapshot.models.get(name) or snapshot.adapters.get(name)
     if principal is not None and not principal.can_use(name):
         model = None  # do not reveal models this key may not see
     if model is None:

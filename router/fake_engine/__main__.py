@@ -17,9 +17,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0)
     parser.add_argument("--token-delay-ms", type=float, default=0)
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--lora", action="append", default=[],
+                        help="a LoRA adapter of the first model, loaded at start")
     args = parser.parse_args(argv)
     run(args.model, args.task, args.host, args.port, latency_ms=args.latency_ms,
-        token_delay_ms=args.token_delay_ms, tokens=args.tokens)
+        token_delay_ms=args.token_delay_ms, tokens=args.tokens, loras=args.lora)
 
 
 if __name__ == "__main__":
