@@ -269,8 +269,8 @@ class Proxy:
         if not response_id.startswith("resp"):
             raise ClientError(f"Invalid 'response_id': '{response_id}'. Expected an ID that "
                               "begins with 'resp'.", param="response_id")
-        models = [m for m in snapshot.models.values() if "responses" in m.groups
-                  and (tenant is None or tenant.can_use(m.name))]
+        models = [m for m in (*snapshot.models.values(), *snapshot.adapters.values())
+                  if "responses" in m.groups and (tenant is None or tenant.can_use(m.name))]
         # its tokens were counted when the answer was made
         record = self._record(request, "responses", "retrieve_response", request_id, tenant,
                               reads_usage=False)

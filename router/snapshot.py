@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,7 +48,7 @@ class ModelEntry:
     parent: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Snapshot:
     config: RoutesConfig
     models: dict[str, ModelEntry]
@@ -146,9 +147,16 @@ async def build(config: RoutesConfig, registry: EndpointRegistry, resolver: Reso
     apply_limits(m.cluster for m in models.values())
     auth = Authenticator(config.auth) if config.auth is not None else None
     snap = Snapshot(config=config, models=models, loaded_at=loaded_at, auth=auth)
+    held = weakref.ref(snap)  # no cycle: an old snapshot's clusters go with its last request
+
+    def discovered() -> None:
+        current = held()
+        if current is not None:
+            current.discovered()
+
     for entry in models.values():
         if entry.cluster.config.discover:
-            entry.cluster.adapters_changed = snap.discovered
+            entry.cluster.adapters_changed = discovered
     snap.discovered()
     registry.retain(snap.endpoint_keys())
     return snap

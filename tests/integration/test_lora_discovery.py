@@ -22,7 +22,7 @@ INTERVAL = 1.0
 #: Deadline for a change to show: an interval, and slack for a loaded shared machine (well
 #: under the 12 intervals after which a model without ``discover`` would read it again).
 WITHIN = 4.0
-KEY_ALL, KEY_QWEN, KEY_ADMIN = "sk-all-models", "sk-qwen-only", "sk-ops"
+KEY_ALL, KEY_QWEN, KEY_POEM, KEY_ADMIN = "sk-all-models", "sk-qwen-only", "sk-poem", "sk-ops"
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,14 @@ auth:
   keys:
     - {{id: all, hash: "{hash_key(KEY_ALL)}", models: ["*"]}}
     - {{id: qwen-only, hash: "{hash_key(KEY_QWEN)}", models: ["qwen*"]}}
+    - {{id: poem-only, hash: "{hash_key(KEY_POEM)}", models: [poem]}}
   admin_keys:
     - {{id: ops, hash: "{hash_key(KEY_ADMIN)}"}}
 models:
   qwen:
     backend_model: {BASE}
     discover: true
-    endpoints: [chat]
+    endpoints: [chat, responses]
     backends:
       - {{url: "{a.url}", name: a}}
       - {{url: "{b.url}", name: b}}
@@ -174,3 +175,17 @@ models:
         assert [c["id"] for c in plain.client.get("/v1/models").json()["data"]] == ["qwen"]
         answer = plain.client.post(CHAT, json={"model": "poem", "messages": []})
         assert answer.status_code == 404
+
+
+def test_a_stored_answer_of_an_adapter_is_found_with_a_key_for_that_adapter_only(
+        stack: tuple[Router, FakeEngine, FakeEngine]) -> None:
+    router, a, b = stack
+    made = router.client.post("/v1/responses", headers=headers(KEY_POEM),
+                              json={"model": "poem", "input": "hi", "store": True})
+    assert made.status_code == 200, made.text
+    response_id = made.json()["id"]
+    path = f"/v1/responses/{response_id}"
+    found = router.client.get(path, headers=headers(KEY_POEM))
+    assert found.status_code == 200, found.text
+    assert found.json()["id"] == response_id
+    assert [r["path"] for r in a.requests(path)] == [path] and b.count(path) == 0

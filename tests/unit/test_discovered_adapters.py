@@ -4,7 +4,9 @@ health checker's reads and a built snapshot)."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from typing import Any
 
 import orjson
@@ -207,3 +209,21 @@ def test_discover_needs_the_health_checks() -> None:
     with pytest.raises(ConfigError, match=r"models\.qwen\.discover: adapters are discovered "
                        "by the health checks"):
         routes(text)
+
+
+async def test_an_old_snapshots_clusters_go_with_it() -> None:
+    """No reference cycle through the adapters' callback: once nothing holds an old
+    snapshot, its clusters leave the endpoints' cluster sets without a garbage collection
+    (else every read would still rebuild their adapters, every freed slot wake them)."""
+    fleet = Fleet(Engine("Qwen/Qwen3", "sql"), Engine("Qwen/Qwen3"))
+    old = await fleet.load(spec())
+    await fleet.check()
+    clusters = [weakref.ref(old.models["qwen"].cluster), weakref.ref(old.adapters["sql"].cluster)]
+    await fleet.load(spec(endpoints=["chat"]))
+    gc.disable()
+    try:
+        del old
+        assert [ref() for ref in clusters] == [None, None]
+    finally:
+        gc.enable()
+    assert len(fleet.endpoint("a").clusters) == 2  # the new snapshot's base and sql
