@@ -14,6 +14,7 @@ import pytest
 
 from router.config import ConfigError, HealthChecks
 from router.discovery import Resolver
+from router.errors import NoHealthyBackend
 from router.endpoint import Endpoint, EndpointRegistry
 from router.health import HealthBoard, HealthChecker, ListedAdapter, parse_listing
 from router.snapshot import Snapshot, build
@@ -31,6 +32,7 @@ class Engine:
         self.base = base
         self.loras = list(loras)
         self.model_reads = 0
+        self.health = 200
 
     def __call__(self, request: MockRequest) -> MockReply:
         if request.target.endswith("/v1/models"):
@@ -40,7 +42,7 @@ class Engine:
                        for n in self.loras)]
             return MockReply(200, [(b"content-type", b"application/json")],
                              [orjson.dumps({"object": "list", "data": cards})])
-        return MockReply(200, [], [b""])
+        return MockReply(self.health, [], [b""])
 
 
 def spec(**model: Any) -> dict[str, Any]:
@@ -227,3 +229,21 @@ async def test_an_old_snapshots_clusters_go_with_it() -> None:
     finally:
         gc.enable()
     assert len(fleet.endpoint("a").clusters) == 2  # the new snapshot's base and sql
+
+
+async def test_an_adapter_whose_backends_are_all_down_stays_listed_and_answers_503() -> None:
+    a = Engine("Qwen/Qwen3", "sql")
+    fleet = Fleet(a, Engine("Qwen/Qwen3"))
+    snap = await fleet.load(spec())
+    await fleet.check()
+    a.health = 503
+    for _ in range(CHECKS.unhealthy_threshold):
+        await fleet.check()
+    assert not fleet.endpoint("a").up
+    sql = snap.adapters["sql"].cluster  # the engine's last list stands
+    assert "sql" in [c["id"] for c in listed(snap)]
+    with pytest.raises(NoHealthyBackend):
+        await sql.acquire(None, set())
+    a.health = 200
+    await fleet.check()
+    assert sql.try_acquire(None, set()) is fleet.endpoint("a")
