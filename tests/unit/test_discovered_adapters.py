@@ -14,8 +14,8 @@ import pytest
 
 from router.config import ConfigError, HealthChecks
 from router.discovery import Resolver
-from router.errors import NoHealthyBackend
 from router.endpoint import Endpoint, EndpointRegistry
+from router.errors import NoHealthyBackend
 from router.health import HealthBoard, HealthChecker, ListedAdapter, parse_listing
 from router.snapshot import Snapshot, build
 from router.tenants.config import hash_key, new_key
