@@ -44,11 +44,12 @@ def admin_only(holder: ConfigHolder, request: Request) -> None:
 
 
 def backends_view(holder: ConfigHolder) -> dict[str, Any]:
-    """Per model: policy, groups, in flight, queued, its backends, and the reason of each
-    DNS lookup of its backends that fails now."""
+    """Per model: policy, groups, in flight, queued, its backends, the reason of each
+    DNS lookup of its backends that fails now, and with ``discover: true`` each adapter
+    its engines list and the backends that list it."""
     snapshot = holder.current
     errors = holder.resolver.errors
-    view = {}
+    view: dict[str, Any] = {}
     for name, model in snapshot.models.items():
         cluster = model.cluster
         urls = [b.url for b in snapshot.config.models[name].backends if b.discovery == "dns"]
@@ -56,6 +57,9 @@ def backends_view(holder: ConfigHolder) -> dict[str, Any]:
                       "in_flight": cluster.in_flight, "queued": len(cluster.waiters),
                       "backends": cluster.describe(),
                       "discovery_errors": {u: errors[u] for u in urls if u in errors}}
+        if cluster.config.discover:
+            view[name]["adapters"] = {a: [m.name for m in c.members]
+                                      for a, c in cluster.adapters.items()}
     return view
 
 

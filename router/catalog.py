@@ -114,7 +114,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/detokenize", "tokenize", J, task="any"),
     # not proxied: no model in the request, or not an inference API
     Route("GET", "/v1/models", None, N, task="any",
-          note="answered by routeyard from routes.yaml"),
+          note="answered by routeyard from routes.yaml and discovered adapters"),
     Route("GET", "/health", None, N, task="any", note="answered by routeyard for itself"),
     Route("GET", "/v1/realtime", None, N, task="realtime",
           note="WebSocket; model only in the session.update event (not yet)"),

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--token-delay-ms", type=float, default=0.0,
                       help="delay between streamed tokens, in milliseconds")
     fake.add_argument("--tokens", type=int, default=8, help="tokens a generation produces")
+    fake.add_argument("--lora", action="append", default=[],
+                      help="a LoRA adapter of the first model, loaded at start and listed in "
+                      "/v1/models with its parent (repeatable; /_fake/load_lora adds more)")
 
     compat = command("compat", "send the same requests to an engine and through a router; "
                      "diff them")
@@ -177,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from router.fake_engine.app import run
 
         run(args.model, args.task, args.host, args.port, latency_ms=args.latency_ms,
-            token_delay_ms=args.token_delay_ms, tokens=args.tokens)
+            token_delay_ms=args.token_delay_ms, tokens=args.tokens, loras=args.lora)
         return 0
     return demo_command(args.host, args.port, args.engine_base_port)
 

@@ -37,6 +37,15 @@ A member whose engine does not serve the name this model sends (``sent_name``: i
 **unserved**: out of this model's balancer and counted out of rotation, while the same
 endpoint keeps serving the models whose names it does serve. It is back once the engine
 lists the name.
+
+A model with ``discover: true`` also routes the LoRA adapters its members' engines list
+with its ``sent_name`` as their parent (``EngineModels.adapters``, read at every health
+check): each adapter gets an ``AdapterCluster`` over the members that list it now, rebuilt
+whenever a read changes that (``served_changed``, like the unserved set). An adapter
+cluster shares the members' endpoints, so their health, in-flight counts and limits are
+the same ones; it has a queue and model-wide ``max_in_flight`` of its own, and no say in
+ejections and no panic mode (the base model's cluster decides those for the same
+endpoints).
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import perf_counter
 from types import TracebackType
 
@@ -91,6 +100,12 @@ class Cluster:
         #: to the client: ``x-routeyard-backend`` per member, made once.
         self.scored: Scored | None = None
         self.backend_headers: dict[Endpoint, tuple[bytes, bytes]] = {}
+        #: The discovering model this cluster is an adapter of (``AdapterCluster``).
+        self.adapter_of: str | None = None
+        #: ``discover``: the adapters the members' engines list for this model, by id.
+        self.adapters: dict[str, AdapterCluster] = {}
+        #: Called when ``adapters`` gains or loses a name (the snapshot lists them anew).
+        self.adapters_changed: Callable[[], None] | None = None
         self.set_members(members)
 
     @property
@@ -110,6 +125,8 @@ class Cluster:
         self.panic = self._panics()
         for endpoint in before | self.member_set:
             endpoint.review_waiver()
+        if self.config.discover:
+            self._discover()
         self.wake_all()
 
     def _route(self, unserved: frozenset[Endpoint]) -> None:
@@ -130,12 +147,39 @@ class Cluster:
         not (module docstring)."""
         if endpoint not in self.member_set:
             return
+        if self.config.discover:
+            self._discover()
         serves = endpoint.engine.serves(self.sent_name)
         if serves == (endpoint not in self.unserved):
             return
         self._route(self.unserved - {endpoint} if serves else self.unserved | {endpoint})
         self.review()
         self.wake_all()
+
+    def _discover(self) -> None:
+        """Match the adapter clusters to what the members' engines list now: one per
+        adapter id, over the members that list it (module docstring)."""
+        held: dict[str, list[Member]] = {}
+        for member in self.members:
+            for name in member.endpoint.engine.adapters_of(self.sent_name):
+                held.setdefault(name, []).append(member)
+        adapters = self.adapters
+        added = [name for name in held if name not in adapters]
+        removed = [name for name in adapters if name not in held]
+        for name in removed:
+            adapters.pop(name).set_members(())  # its waiters: no backend left (503)
+        for name, members in held.items():
+            cluster = adapters.get(name)
+            if cluster is None:
+                adapters[name] = AdapterCluster(self, name, members)
+            elif cluster.members != tuple(members):
+                cluster.set_members(members)
+        if added or removed:
+            log.info("model %s: adapters discovered now %s (added: %s; removed: %s)",
+                     self.name, ", ".join(adapters) or "none", ", ".join(added) or "none",
+                     ", ".join(removed) or "none")
+            if self.adapters_changed is not None:
+                self.adapters_changed()
 
     def any_up(self, exclude: frozenset[Endpoint] | set[Endpoint] = frozenset()) -> bool:
         return any(m.endpoint.up and m.endpoint not in exclude for m in self.routable)
@@ -332,6 +376,33 @@ class Cluster:
                             last_error=endpoint.engine.not_served(self.sent_name))
             backends.append(view)
         return backends
+
+
+class AdapterCluster(Cluster):
+    """A LoRA adapter of a discovering model (module docstring): the base model's settings,
+    its name as the name sent, over the base's members whose engine lists it now."""
+
+    def __init__(self, base: Cluster, name: str, members: Iterable[Member]) -> None:
+        config = base.config.model_copy(update={"name": name, "backend_model": None,
+                                                "discover": False})
+        super().__init__(config, members, base.outlier)
+        self.adapter_of = base.name
+
+    @property
+    def root(self) -> str:
+        """The adapter's ``root`` as the first member's engine lists it (its path in vLLM),
+        else its id."""
+        for member in self.members:
+            listed = member.endpoint.engine.adapters.get(self.name)
+            if listed is not None and listed.root:
+                return listed.root
+        return self.name
+
+    def may_eject(self, endpoint: Endpoint) -> bool:
+        return True  # the base model's cluster has the say for the same endpoints
+
+    def _panics(self) -> bool:
+        return False
 
 
 def _time_up(waiter: asyncio.Future[None]) -> None:

@@ -276,6 +276,8 @@ class ModelSpec(_Strict):
     retries: Retries | None = None
     queue: Queue | None = None
     max_body_size: Size | None = None
+    #: Route the LoRA adapters the backends' engines list with this model as their parent.
+    discover: bool = False
 
     @field_validator("backends")
     @classmethod
@@ -328,6 +330,7 @@ class ModelConfig(_Strict):
     retries: Retries
     queue: Queue
     max_body_size: int
+    discover: bool = False
 
     @property
     def scrapes(self) -> bool:
@@ -415,7 +418,13 @@ def _resolve(routes: RoutesFile, tree: CommentedMap, sha256: str, source: str,
             retries=_merge(d.retries, spec.retries),
             queue=_merge(d.queue, spec.queue),
             max_body_size=spec.max_body_size or d.max_body_size,
+            discover=spec.discover,
         )
+        if spec.discover and not d.health_checks.enabled:
+            raise ConfigError(
+                source, f"models.{name}.discover: adapters are discovered by the health "
+                "checks' reads of /v1/models; defaults.health_checks.enabled is false",
+                *_position(tree, ("models", name, "discover")))
         _check_scoring(models[name], spec, tree, source)
         if not models[name].endpoints:
             raise ConfigError(

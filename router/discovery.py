@@ -78,13 +78,17 @@ def apply_limits(clusters: Iterable[HasMembers]) -> None:
     """Set each endpoint's ``max_in_flight`` (the smallest any model declares for it: a
     backend listed by two models has one capacity), its engine API key, and how its
     ``/metrics`` is read (for the models that read it: the shortest interval and timeout,
-    the first model's path)."""
+    the first model's path), and whether its ``/v1/models`` is read at every health check
+    (a model routed there has ``discover: true``)."""
     limits: dict[Endpoint, int | None] = {}
     keys: dict[Endpoint, str | None] = {}
     scrapes: dict[Endpoint, ScrapeSettings] = {}
+    discovers: set[Endpoint] = set()
     for cluster in clusters:
         config = cluster.config
         wanted = config.engine_metrics if config.scrapes else None
+        if config.discover:
+            discovers.update(m.endpoint for m in cluster.members)
         for member in cluster.members:
             if wanted is not None:
                 had = scrapes.get(member.endpoint)
@@ -98,5 +102,6 @@ def apply_limits(clusters: Iterable[HasMembers]) -> None:
     for endpoint, limit in limits.items():
         endpoint.max_in_flight = limit
         endpoint.scrape = scrapes.get(endpoint)
+        endpoint.engine.discover = endpoint in discovers
         key = keys.get(endpoint)
         endpoint.api_key_header = f"authorization: Bearer {key}\r\n" if key else None

@@ -25,6 +25,9 @@ class ClusterView(Protocol):
     @property
     def sent_name(self) -> str: ...
 
+    @property
+    def adapter_of(self) -> str | None: ...
+
     def served_changed(self, endpoint: Endpoint) -> None: ...
 
     def wake_one(self, freed: Endpoint | None = None) -> None: ...
@@ -88,8 +91,10 @@ class Endpoint:
                 cluster.wake_all()
 
     def wanted_models(self) -> frozenset[str]:
-        """The model names the models routed here send (each its ``backend_model``)."""
-        return frozenset(cluster.sent_name for cluster in list(self.clusters))
+        """The model names the models routed here send (each its ``backend_model``); not
+        the discovered adapters', which are routed here only while the engine lists them."""
+        return frozenset(cluster.sent_name for cluster in list(self.clusters)
+                         if cluster.adapter_of is None)
 
     def models_changed(self) -> None:
         """``engine.served`` was read anew: each model routed here reviews this endpoint."""

@@ -33,7 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import orjson
 
@@ -248,22 +248,43 @@ MODELS_EVERY = 12
 NAMES_SHOWN = 20
 
 
+class ListedAdapter(NamedTuple):
+    """A LoRA adapter as an engine's ``/v1/models`` lists it: a card with a ``parent``."""
+
+    #: The served name of the base model it applies to.
+    parent: str
+    #: The card's ``root`` (vLLM: the path the adapter was loaded from), if any.
+    root: str | None
+
+
+class ModelListing(NamedTuple):
+    """An engine's ``GET /v1/models``: every id it lists, and which of them are adapters."""
+
+    ids: frozenset[str]
+    adapters: dict[str, ListedAdapter]
+
+
 class EngineModels:
     """What one engine said its ``/v1/models`` serves, and when to ask again.
 
     The checker reads ``/v1/models`` after a passing ``/health`` check when one of these
-    holds: it never has (or the last read failed), the check before failed (the engine may
-    have restarted with other flags), the names the endpoint's models send changed (a
-    reload), a name is missing (so a fix is seen at the next check), or ``MODELS_EVERY``
-    checks passed since. An engine that answers anything but 200 and a model list (a
-    non-vLLM backend's 404, a 401) lists nothing: ``served`` is None, and its backends are
-    judged by ``/health`` alone."""
+    holds: a model routed here discovers its adapters (``discover``: at every check), it
+    never has (or the last read failed), the check before failed (the engine may have
+    restarted with other flags), the names the endpoint's models send changed (a reload), a
+    name is missing (so a fix is seen at the next check), or ``MODELS_EVERY`` checks passed
+    since. An engine that answers anything but 200 and a model list (a non-vLLM backend's
+    404, a 401) lists nothing: ``served`` is None, and its backends are judged by
+    ``/health`` alone."""
 
-    __slots__ = ("asked", "checks", "served", "stale")
+    __slots__ = ("adapters", "asked", "checks", "discover", "served", "stale")
 
     def __init__(self) -> None:
         #: The model ids the engine lists; None: not known, or it lists none.
         self.served: frozenset[str] | None = None
+        #: The LoRA adapters among them (id → parent and root).
+        self.adapters: dict[str, ListedAdapter] = {}
+        #: A model routed here has ``discover: true``: read at every passing check.
+        self.discover = False
         #: The names the endpoint's models sent when ``served`` was read.
         self.asked: frozenset[str] = frozenset()
         #: Passing checks since ``served`` was read.
@@ -283,8 +304,12 @@ class EngineModels:
     def due(self, wanted: frozenset[str]) -> bool:
         """Whether a passing check should read ``/v1/models`` now (the class docstring);
         never for an endpoint no model routes to."""
-        return bool(wanted) and (self.stale or self.checks >= MODELS_EVERY
+        return bool(wanted) and (self.discover or self.stale or self.checks >= MODELS_EVERY
                                  or wanted != self.asked or bool(self.missing(wanted)))
+
+    def adapters_of(self, parent: str) -> list[str]:
+        """The ids of the adapters the engine lists with ``parent`` as their base model."""
+        return [name for name, listed in self.adapters.items() if listed.parent == parent]
 
     def not_served(self, name: str) -> str:
         """The reason a backend is out for model ``name``."""
@@ -335,10 +360,9 @@ async def probe(endpoint: Checked, path: str, timeout: float) -> str | None:
     return None
 
 
-async def listed_models(endpoint: Checked, timeout: float) -> frozenset[str] | None:
-    """The ids of the engine's ``GET /v1/models`` (sent with the engine's key), or None
-    when it answers anything but 200 with a model list; ``UpstreamError`` when no answer
-    came."""
+async def listed_models(endpoint: Checked, timeout: float) -> ModelListing | None:
+    """The engine's ``GET /v1/models`` (sent with the engine's key), or None when it
+    answers anything but 200 with a model list; ``UpstreamError`` when no answer came."""
     head = _get(endpoint.origin, "/v1/models", endpoint.api_key_header or "")
     response = await endpoint.transport.handle(head, b"", Timeouts(timeout, timeout, timeout))
     try:
@@ -347,12 +371,23 @@ async def listed_models(endpoint: Checked, timeout: float) -> frozenset[str] | N
         response.close()
     if response.status != 200:
         return None
+    return parse_listing(body)
+
+
+def parse_listing(body: bytes) -> ModelListing | None:
+    """A ``/v1/models`` body as vLLM writes it (``{"data": [{"id", "parent", "root"}, …]}``),
+    or None when it is not a model list. A card whose ``parent`` is a string is an adapter;
+    a ``root`` that is not a string is left out."""
     try:
         data = orjson.loads(body).get("data")
-        ids = frozenset(card["id"] for card in data)
+        cards = [(card["id"], card.get("parent"), card.get("root")) for card in data]
     except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
         return None
-    return ids if all(isinstance(i, str) for i in ids) else None
+    if not all(isinstance(i, str) for i, _, _ in cards):
+        return None
+    adapters = {i: ListedAdapter(parent, root if isinstance(root, str) else None)
+                for i, parent, root in cards if isinstance(parent, str) and parent}
+    return ModelListing(frozenset(i for i, _, _ in cards), adapters)
 
 
 class HealthChecker:
@@ -397,12 +432,14 @@ class HealthChecker:
         or comes back (INFO) once, and tell the endpoint's models."""
         engine = endpoint.engine
         try:
-            served = await listed_models(endpoint, timeout)
+            listing = await listed_models(endpoint, timeout)
         except UpstreamError:
             engine.stale = True  # /health answered: try again at the next check
             return
         before = set(engine.missing(engine.asked))
+        served = listing.ids if listing is not None else None
         engine.served, engine.asked, engine.checks, engine.stale = served, wanted, 0, False
+        engine.adapters = listing.adapters if listing is not None else {}
         now = engine.missing(wanted)
         for name in now:
             if name not in before:

@@ -127,7 +127,7 @@ async def admit(
     ``principal`` limits the models it may see (an unknown and a hidden model both get
     404); ``limited`` is the key whose rate limits it is charged to; ``form`` is the
     multipart form the body holds (audio routes), else the body is JSON."""
-    model = snapshot.models.get(name)
+    model = snapshot.models.get(name) or snapshot.adapters.get(name)
     if principal is not None and not principal.can_use(name):
         model = None  # do not reveal models this key may not see
     if model is None:
@@ -269,8 +269,8 @@ class Proxy:
         if not response_id.startswith("resp"):
             raise ClientError(f"Invalid 'response_id': '{response_id}'. Expected an ID that "
                               "begins with 'resp'.", param="response_id")
-        models = [m for m in snapshot.models.values() if "responses" in m.groups
-                  and (tenant is None or tenant.can_use(m.name))]
+        models = [m for m in (*snapshot.models.values(), *snapshot.adapters.values())
+                  if "responses" in m.groups and (tenant is None or tenant.can_use(m.name))]
         # its tokens were counted when the answer was made
         record = self._record(request, "responses", "retrieve_response", request_id, tenant,
                               reads_usage=False)

@@ -4,19 +4,22 @@ Everything a request needs that can be computed once per config load is computed
 allowlists as frozensets, timeouts as floats, the /v1/models body, the balancing key
 function. A request takes one reference to the current snapshot and keeps it to the end,
 so a reload never changes a request halfway. (Cluster membership alone may change under a
-snapshot, when a DNS refresh swaps in a new member set.)
+snapshot, when a DNS refresh swaps in a new member set, and so may the adapters of a
+``discover: true`` model, as its engines load and unload them: ``adapters``.)
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
-from router.cluster import Cluster
+from router.cluster import AdapterCluster, Cluster
 from router.config import ModelConfig, Retries, RoutesConfig
 from router.discovery import Resolver, apply_limits
 from router.endpoint import EndpointRegistry
@@ -26,6 +29,8 @@ from router.upstream import Timeouts
 
 #: Reads the balancing key (session id or prompt prefix) from headers and parsed body.
 KeyFunction = Callable[[Any, dict[str, Any]], str | None]
+
+log = logging.getLogger("routeyard.snapshot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,27 +44,62 @@ class ModelEntry:
     retries: Retries
     timeouts: Timeouts
     max_body_size: int
+    #: A discovered adapter's base model (its public name); None for a configured model.
+    parent: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Snapshot:
     config: RoutesConfig
     models: dict[str, ModelEntry]
     loaded_at: float
-    models_body: bytes
     #: None when routes.yaml has no ``auth:`` block (the router is open).
     auth: Authenticator | None = None
-    #: /v1/models bodies per key id, filled on first use (keys see only their models).
-    models_bodies: dict[str, bytes] = field(default_factory=dict)
+    #: The adapters the ``discover: true`` models' engines list now, by id: each the base
+    #: model's entry with the adapter's cluster (``discovered`` keeps it current).
+    adapters: dict[str, ModelEntry] = field(default_factory=dict)
+    #: /v1/models bodies per key id (None: no key), made on first use and again after the
+    #: adapters changed (keys see only their models).
+    models_bodies: dict[str | None, bytes] = field(default_factory=dict)
+    #: Adapter ids not routed as adapters because a model already has the name (logged once).
+    shadowed: set[str] = field(default_factory=set)
 
     def models_body_for(self, tenant: Tenant | None) -> bytes:
-        if tenant is None:
-            return self.models_body
-        body = self.models_bodies.get(tenant.key_id)
+        key = None if tenant is None else tenant.key_id
+        body = self.models_bodies.get(key)
         if body is None:
-            names = tenant.visible_models(self.models)
-            body = self.models_bodies[tenant.key_id] = _models_body(names, self.loaded_at)
+            entries: Iterable[ModelEntry] = [*self.models.values(), *self.adapters.values()]
+            if tenant is not None:
+                entries = [e for e in entries if tenant.can_use(e.name)]
+            body = self.models_bodies[key] = _models_body(entries, self.loaded_at)
         return body
+
+    @property
+    def models_body(self) -> bytes:
+        """``/v1/models`` without a key: every model and discovered adapter."""
+        return self.models_body_for(None)
+
+    def discovered(self) -> None:
+        """A ``discover: true`` model's adapters changed: route each adapter id with its base
+        model's settings and allowlist, unless a configured model (or an adapter of a model
+        listed earlier) has the name, and list them anew."""
+        adapters: dict[str, ModelEntry] = {}
+        for entry in self.models.values():
+            for name, cluster in entry.cluster.adapters.items():
+                taken = self.models.get(name) or adapters.get(name)
+                if taken is not None:
+                    if name not in self.shadowed:
+                        self.shadowed.add(name)
+                        owner = (f"adapter of model {taken.parent}" if taken.parent
+                                 else "configured model")
+                        log.warning("adapter %s of model %s is not routed as an adapter: the "
+                                    "%s of that name is", name, entry.name, owner)
+                    continue
+                adapters[name] = replace(entry, name=name, backend_model=None,
+                                         cluster=cluster, parent=entry.name)
+        self.adapters.clear()
+        self.adapters.update(adapters)
+        self.models_bodies.clear()
 
     @property
     def fingerprint(self) -> tuple[str, str | None]:
@@ -106,17 +146,34 @@ async def build(config: RoutesConfig, registry: EndpointRegistry, resolver: Reso
     indexes.retain(n for n, m in config.models.items() if m.policy == "cache_aware")
     apply_limits(m.cluster for m in models.values())
     auth = Authenticator(config.auth) if config.auth is not None else None
-    snap = Snapshot(config=config, models=models, loaded_at=loaded_at,
-                    models_body=_models_body(models, loaded_at), auth=auth)
+    snap = Snapshot(config=config, models=models, loaded_at=loaded_at, auth=auth)
+    held = weakref.ref(snap)  # no cycle: an old snapshot's clusters go with its last request
+
+    def discovered() -> None:
+        current = held()
+        if current is not None:
+            current.discovered()
+
+    for entry in models.values():
+        if entry.cluster.config.discover:
+            entry.cluster.adapters_changed = discovered
+    snap.discovered()
     registry.retain(snap.endpoint_keys())
     return snap
 
 
-def _models_body(names: Iterable[str], loaded_at: float) -> bytes:
-    cards = [
-        {"id": name, "object": "model", "created": int(loaded_at), "owned_by": "routeyard"}
-        for name in names
-    ]
+def _models_body(entries: Iterable[ModelEntry], loaded_at: float) -> bytes:
+    """OpenAI's model list; an adapter's card has ``parent`` (its base model) and ``root``
+    (the engine's, its path in vLLM), as vLLM lists adapters."""
+    created = int(loaded_at)
+    cards: list[dict[str, Any]] = []
+    for entry in entries:
+        card: dict[str, Any] = {"id": entry.name, "object": "model", "created": created,
+                                "owned_by": "routeyard"}
+        cluster = entry.cluster
+        if entry.parent is not None and isinstance(cluster, AdapterCluster):
+            card.update(root=cluster.root, parent=entry.parent)
+        cards.append(card)
     return orjson.dumps({"object": "list", "data": cards})
 
 

@@ -327,9 +327,12 @@ class FakeEngine(Process):
     across restarts; ``latency_ms`` is its default latency (a launch may choose another)."""
 
     def __init__(self, task: str, models: Sequence[str], log: Path, *, port: int | None = None,
-                 latency_ms: float = 0, name: str | None = None) -> None:
+                 latency_ms: float = 0, name: str | None = None,
+                 loras: Sequence[str] = ()) -> None:
         self.task = task
         self.models = list(models)
+        #: LoRA adapters of the first model loaded at each start (``--lora``).
+        self.loras = list(loras)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.default_latency_ms = self.latency_ms = latency_ms
@@ -340,6 +343,8 @@ class FakeEngine(Process):
         args = ["fake-engine", "--task", self.task, "--port", str(self.port)]
         for model in self.models:
             args += ["--model", model]
+        for lora in self.loras:
+            args += ["--lora", lora]
         if self.latency_ms:
             args += ["--latency-ms", str(self.latency_ms)]
         return cli(*args)
@@ -366,6 +371,14 @@ class FakeEngine(Process):
 
     def reset(self) -> None:
         httpx.post(f"{self.url}/_fake/reset", timeout=10).raise_for_status()
+
+    def load_lora(self, name: str) -> None:
+        httpx.post(f"{self.url}/_fake/load_lora", json={"lora_name": name},
+                   timeout=10).raise_for_status()
+
+    def unload_lora(self, name: str) -> None:
+        httpx.post(f"{self.url}/_fake/unload_lora", json={"lora_name": name},
+                   timeout=10).raise_for_status()
 
 
 # -- the router -----------------------------------------------------------------------------

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serving", action="append", default=[], metavar="NAME=VALUE",
                         help="a serving-model parameter (with --simulate), e.g. "
                              "max_num_seqs=32; repeatable")
+    parser.add_argument("--lora", action="append", default=[],
+                        help="a LoRA adapter of the first model, loaded at start")
     args = parser.parse_args(argv)
     serving = None
     if args.simulate:
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.serving:
         parser.error("--serving needs --simulate")
     run(args.model, args.task, args.host, args.port, latency_ms=args.latency_ms,
-        token_delay_ms=args.token_delay_ms, tokens=args.tokens, serving=serving)
+        token_delay_ms=args.token_delay_ms, tokens=args.tokens, serving=serving,
+        loras=args.lora)
 
 
 if __name__ == "__main__":

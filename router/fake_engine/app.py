@@ -35,6 +35,11 @@ Introspection, under ``/_fake/`` so it can never clash with vLLM:
   sets sticky knobs (same names as the headers, ``_`` for ``-``) for the next ``count``
   requests (all, if omitted) to ``paths`` (any, if omitted); headers still win.
 * ``POST /_fake/reset``: clears both logs and any injection.
+* ``POST /_fake/load_lora`` ``{"lora_name": "sql", "lora_path": "/p"}`` and
+  ``POST /_fake/unload_lora`` ``{"lora_name": "sql"}``: load or unload a LoRA adapter of
+  the first model at runtime (vLLM's ``/v1/load_lora_adapter`` bodies); a loaded adapter
+  is listed in ``/v1/models`` with ``parent`` and ``root`` and answers as a model.
+  ``create_app(loras=...)`` (``--lora``) loads some at start.
 
 With ``serving`` (``--simulate``), chat completions go through a serving model of a vLLM
 engine (slots, queue, prefix-cached KV blocks, step costs) and the engine also serves
@@ -122,9 +127,11 @@ _app_ids = itertools.count()
 
 def create_app(models: list[str], task: str, *, latency_ms: float = 0,
                token_delay_ms: float = 0, tokens: int = 8,
-               serving: ServingParams | None = None) -> DefaultSanic:
-    """A Sanic app serving ``models`` for ``task`` (generate, embed, score, transcription);
-    with ``serving``, a simulated vLLM engine (generate only)."""
+               serving: ServingParams | None = None,
+               loras: list[str] | None = None) -> DefaultSanic:
+    """A Sanic app serving ``models`` for ``task`` (generate, embed, score, transcription),
+    with the LoRA adapters ``loras`` of the first model loaded; with ``serving``, a
+    simulated vLLM engine (generate only)."""
     if serving is not None and task != "generate":
         raise ValueError(f"a simulated engine serves task generate, not {task!r}")
     if task not in TASKS:
@@ -137,6 +144,8 @@ def create_app(models: list[str], task: str, *, latency_ms: float = 0,
     app.config.NOISY_EXCEPTIONS = False
     defaults = Knobs(latency_ms=latency_ms, token_delay_ms=token_delay_ms, tokens=tokens)
     state = EngineState(models=tuple(models), task=task, defaults=defaults)
+    for lora in loras or ():
+        state.load_lora(lora)
     app.ctx.engine = state
     handlers = HANDLERS
     if serving is not None:
@@ -160,10 +169,10 @@ def create_app(models: list[str], task: str, *, latency_ms: float = 0,
 
 def run(models: list[str], task: str, host: str = "127.0.0.1", port: int = 8000, *,
         latency_ms: float = 0, token_delay_ms: float = 0, tokens: int = 8,
-        serving: ServingParams | None = None) -> None:
+        serving: ServingParams | None = None, loras: list[str] | None = None) -> None:
     """Serve a fake engine in this process until interrupted."""
     app = create_app(models, task, latency_ms=latency_ms, token_delay_ms=token_delay_ms,
-                     tokens=tokens, serving=serving)
+                     tokens=tokens, serving=serving, loras=loras)
     app.run(host=host, port=port, single_process=True, access_log=False, motd=False,
             backlog=LISTEN_BACKLOG)
 
@@ -295,6 +304,33 @@ def _add_introspection(app: DefaultSanic, state: EngineState) -> None:
             return json_response({"detail": str(exc)}, 400)
         return json_response({"status": "injected"})
 
+    def lora_name(request: Request) -> tuple[str, dict[str, Any]]:
+        spec = orjson.loads(request.body or b"{}")
+        name = spec.get("lora_name") if isinstance(spec, dict) else None
+        if not isinstance(name, str):
+            raise ValueError("give the adapter as {\"lora_name\": NAME}")
+        return name, spec
+
+    async def load_lora(request: Request) -> HTTPResponse:
+        try:
+            name, spec = lora_name(request)
+            path = spec.get("lora_path")
+            state.load_lora(name, path if isinstance(path, str) else None)
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            return json_response({"detail": str(exc)}, 400)
+        return json_response({"status": "loaded", "lora_name": name})
+
+    async def unload_lora(request: Request) -> HTTPResponse:
+        try:
+            name, _ = lora_name(request)
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            return json_response({"detail": str(exc)}, 400)
+        if state.adapters.pop(name, None) is None:
+            return json_response({"detail": f"no adapter {name} is loaded"}, 404)
+        return json_response({"status": "unloaded", "lora_name": name})
+
+    app.add_route(load_lora, "/_fake/load_lora", methods=["POST"], name="fake_load_lora")
+    app.add_route(unload_lora, "/_fake/unload_lora", methods=["POST"], name="fake_unload_lora")
     app.add_route(requests, "/_fake/requests", methods=["GET"], name="fake_requests")
     app.add_route(aborted, "/_fake/aborted", methods=["GET"], name="fake_aborted")
     app.add_route(reset, "/_fake/reset", methods=["POST"], name="fake_reset")

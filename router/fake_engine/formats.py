@@ -164,7 +164,10 @@ def pooling_list(rid: str, created: int, model: str, data: list[dict[str, Any]],
 # models -----------------------------------------------------------------------------
 
 
-def model_list(models: tuple[str, ...], created: int, max_len: int) -> dict[str, Any]:
+def model_list(models: tuple[str, ...], created: int, max_len: int,
+               adapters: dict[str, str] | None = None) -> dict[str, Any]:
+    """vLLM's ``/v1/models``: a card per served name, then one per loaded LoRA adapter with
+    ``root`` its path and ``parent`` the first served name."""
     permission = {"id": "modelperm-fake", "object": "model_permission", "created": created,
                   "allow_create_engine": False, "allow_sampling": True,
                   "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
@@ -173,4 +176,8 @@ def model_list(models: tuple[str, ...], created: int, max_len: int) -> dict[str,
     cards = [{"id": m, "object": "model", "created": created, "owned_by": "vllm", "root": m,
               "parent": None, "max_model_len": max_len, "permission": [permission]}
              for m in models]
+    cards += [{"id": name, "object": "model", "created": created, "owned_by": "vllm",
+               "root": path, "parent": models[0], "max_model_len": max_len,
+               "permission": [permission]}
+              for name, path in (adapters or {}).items()]
     return {"object": "list", "data": cards}

@@ -15,7 +15,8 @@ from router.fake_engine.state import MAX_MODEL_LEN, VERSION, EngineError, missin
 
 async def models(call: Call) -> HTTPResponse | None:
     state = call.state
-    return await call.reply(fmt.model_list(state.models, state.created, MAX_MODEL_LEN))
+    return await call.reply(fmt.model_list(state.models, state.created, MAX_MODEL_LEN,
+                                           state.adapters))
 
 
 class _Untyped(HTTPResponse):

@@ -146,6 +146,9 @@ class EngineState:
     #: Responses API answers made with ``store`` (vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1)
     stored: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     tokenizer: Tokenizer = BYTE_TOKENIZER
+    #: LoRA adapters loaded now (name → the path they were loaded from), all of the first
+    #: model, as vLLM lists them (``--lora``, ``/_fake/load_lora``).
+    adapters: dict[str, str] = field(default_factory=dict)
 
     def store(self, response: dict[str, Any]) -> None:
         self.stored[response["id"]] = response
@@ -167,9 +170,16 @@ class EngineState:
         """vLLM's rule: a missing or empty name means the first served model."""
         if not name:
             return self.models[0]
-        if not isinstance(name, str) or name not in self.models:
+        if not isinstance(name, str) or (name not in self.models
+                                          and name not in self.adapters):
             raise model_not_found(str(name))
         return name
+
+    def load_lora(self, name: str, path: str | None = None) -> None:
+        """Load an adapter (vLLM's ``/v1/load_lora_adapter``): listed and served from now."""
+        if not name or name in self.models:
+            raise ValueError(f"lora_name {name!r}: give a name that is not a base model's")
+        self.adapters[name] = path or f"/fake/loras/{name}"
 
     def knobs_for(self, request: Request, *, inference: bool) -> Knobs:
         """Defaults (latency only on inference routes), then injection, then headers."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +62,6 @@ class Tenant:
         if model in self.exact_models:
             return True
         return self.model_pattern is not None and self.model_pattern.match(model) is not None
-
-    def visible_models(self, names: Iterable[str]) -> list[str]:
-        """The subset of ``names`` this key may use, in the given order."""
-        return [name for name in names if self.can_use(name)]
 
     def limits_for(self, model: str) -> Limits | None:
         """The per-key-and-model limits of the first ``model_limits`` entry matching."""

@@ -42,6 +42,8 @@ class Spec:
     names: tuple[str, ...]
     flags: tuple[str, ...] = ()
     kv_cache_bytes: int = 64 * MiB
+    #: Environment variables of this server on top of ``ENV`` (name, value).
+    env: tuple[tuple[str, str], ...] = ()
 
 
 SPECS: dict[str, Spec] = {
@@ -120,7 +122,7 @@ def launch(spec: Spec, model_dir: Path, log_dir: Path) -> Engine:
     with log.open("ab") as out:
         proc = subprocess.Popen(
             command(spec, model_dir, port), stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, **ENV}, start_new_session=True, cwd=log_dir,
+            env={**os.environ, **ENV, **dict(spec.env)}, start_new_session=True, cwd=log_dir,
         )
     return Engine(spec, f"http://127.0.0.1:{port}", proc, log)
 

@@ -67,7 +67,7 @@ def test_admin_key_opens_admin_only(auth: Authenticator) -> None:
     admin = auth.authenticate_admin(f"Bearer {KEY_ADMIN}", None)
     assert admin.admin and admin.key_id == "ops"
     assert not admin.can_use("chat-small")
-    assert admin.visible_models(["chat-small", "embed-model"]) == []
+    assert not admin.can_use("embed-model")
 
 
 def test_client_key_on_admin_is_403_and_unknown_key_is_401(auth: Authenticator) -> None:
@@ -150,12 +150,6 @@ def test_glob_forms() -> None:
     assert [m for m in ["org/a/b", "org", "m1", "m12", "v1", "v3"] if tenant.can_use(m)] == [
         "org/a/b", "m1", "v1",
     ]
-
-
-def test_visible_models_keeps_order_and_hides_the_rest() -> None:
-    tenant = authenticator([alice()]).tenants["alice"]
-    names = ["rerank-model", "embed-model", "chat-b", "chat-a", "whisper"]
-    assert tenant.visible_models(names) == ["embed-model", "chat-b", "chat-a"]
 
 
 def test_model_limits_first_matching_entry_wins() -> None:

@@ -347,3 +347,34 @@ def test_injected_fault_is_sticky_for_count_requests(gen: httpx.Client) -> None:
     assert [gen.get("/health").status_code for _ in range(3)] == [503, 503, 200]
     assert gen.post("/_fake/inject", json={"bogus": 1}).status_code == 400
     gen.post("/_fake/reset")
+
+
+def test_lora_adapters_are_listed_with_their_parent_served_and_loaded_at_runtime(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    engine = Process(python_m("router.fake_engine", "--task", "generate", "--port", str(port),
+                              "--model", "base", "--model", "alias", "--lora", "sql"),
+                     tmp_path_factory.mktemp("lora") / "engine.log",
+                     ready=http_ok(f"{url}/health"))
+    with running([engine]), httpx.Client(base_url=url, timeout=10) as client:
+        def listed() -> list[tuple[str, str, str | None]]:
+            return [(c["id"], c["root"], c["parent"])
+                    for c in client.get("/v1/models").json()["data"]]
+
+        assert listed() == [("base", "base", None), ("alias", "alias", None),
+                            ("sql", "/fake/loras/sql", "base")]
+        chat = {"model": "sql", "messages": CHAT}
+        answer = client.post("/v1/chat/completions", json=chat)
+        assert answer.status_code == 200 and answer.json()["model"] == "sql"
+        loaded = client.post("/_fake/load_lora", json={"lora_name": "poem",
+                                                       "lora_path": "/tmp/poem"})
+        assert loaded.status_code == 200
+        assert listed()[-1] == ("poem", "/tmp/poem", "base")
+        assert client.post("/_fake/unload_lora", json={"lora_name": "sql"}).status_code == 200
+        assert [i for i, _, _ in listed()] == ["base", "alias", "poem"]
+        gone = client.post("/v1/chat/completions", json=chat)
+        assert gone.status_code == 404 and gone.json()["error"]["type"] == "NotFoundError"
+        assert client.post("/_fake/unload_lora", json={"lora_name": "sql"}).status_code == 404
+        assert client.post("/_fake/load_lora", json={"name": "x"}).status_code == 400
+        assert client.post("/_fake/load_lora", json={"lora_name": "base"}).status_code == 400
