@@ -168,9 +168,13 @@ class MetaStore:
 
     # batches (API side) --------------------------------------------------------------
 
-    async def insert_batch(self, values: dict[str, Any]) -> None:
+    async def insert_batch(self, values: dict[str, Any]) -> AnyRow:
+        """The new batch's row as inserted (a worker may claim it at once: the creator's
+        answer is this row, not a later read)."""
         async with self.engine.begin() as conn:
-            await conn.execute(insert(batches).values(**values))
+            result = await conn.execute(insert(batches).values(**values).returning(batches))
+            row: AnyRow = result.one()
+            return row
 
     async def get_batch(self, batch_id: str, tenant: str | None = None) -> AnyRow | None:
         query = select(batches).where(batches.c.id == batch_id)

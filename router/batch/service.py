@@ -232,7 +232,7 @@ class BatchService:
                                "input with purpose=batch.", param="input_file_id")
         now = self.now()
         batch_id = new_id("batch_")
-        await self.db.insert_batch({
+        row = await self.db.insert_batch({
             "id": batch_id, "tenant": _tenant(tenant), "key_id": key, "endpoint": endpoint,
             "input_file_id": input_file_id, "completion_window": "24h", "status": "validating",
             "created_at": now, "expires_at": int(now + self.config.completion_window),
@@ -241,7 +241,7 @@ class BatchService:
             "input_tokens": 0, "cached_tokens": 0, "output_tokens": 0, "reasoning_tokens": 0,
             "total_tokens": 0, "lease_epoch": 0,
         })
-        created = await self.get_batch(tenant, batch_id)
+        created = batch_object(row)
         log.info("batch %s: validating (created for %s, %s, input %s)", batch_id, endpoint,
                  f"key {key}" if key else "no key", input_file_id)
         if self.pool is not None:
