@@ -243,6 +243,11 @@ class Client:
         self.idle.clear()
 
 
+#: A request the router shed (429: every backend saturated, its queue full or timed out):
+#: the policy's answer to an overloaded fleet, reported apart from failures.
+SHED = "status 429"
+
+
 @dataclass
 class LoadResult:
     policy: str
@@ -365,7 +370,7 @@ def run_policy(sup: Supervisor, policy: str, ports: list[int], run: Run,
                 run_load(client, plan, args.warm, args.drain, ports))
             result = LoadResult(policy, load, samples, window, delta)
             run.results.append(result)
-            errors = [s.error for s in samples if s.error]
+            errors = [s.error for s in samples if s.error and s.error != SHED]
             if errors:
                 run.failures.append(f"{policy} at {load:.0%}: {len(errors)} requests failed, "
                                     f"e.g. {errors[0]}")
@@ -388,20 +393,24 @@ def render(run: Run) -> str:
         rate = load * run.capacity
         lines += ["", f"## {load:.0%} of capacity ({rate:.1f} requests/s, simulated)", "",
                   "| policy | TTFT p50 s | TTFT p90 s | end-to-end p50 s | end-to-end p90 s "
-                  "| prefix-cache hit ratio | output tokens/s | answered |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| prefix-cache hit ratio | output tokens/s | answered | shed (429) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in run.results if r.load == load):
             measured = r.measured()
             done = sum(1 for s in measured if not s.cut and s.error is None)
+            shed = sum(1 for s in measured if s.error == SHED)
             lines.append(
                 f"| `{r.policy}` | {fmt_time(r.quantile('ttft_s', 0.5))} "
                 f"| {fmt_time(r.quantile('ttft_s', 0.9))} "
                 f"| {fmt_time(r.quantile('e2e_s', 0.5))} | {fmt_time(r.quantile('e2e_s', 0.9))} "
-                f"| {r.hit_ratio:.1%} | {r.tokens_per_s:,.0f} | {done}/{len(measured)} |")
+                f"| {r.hit_ratio:.1%} | {r.tokens_per_s:,.0f} | {done}/{len(measured)} "
+                f"| {shed} |")
     lines += ["", "Times are simulated seconds, from the client's send to the first body byte "
               "(TTFT) and to the end of the stream; ≥: a lower bound, requests were still "
               "unanswered when the run ended. Hit ratio and tokens/s are the replicas' own "
-              "counters over the measured window; answered: measured requests finished."]
+              "counters over the measured window; answered: measured requests finished; shed: "
+              "measured requests the router refused with 429 (its queue full or timed out "
+              "while every engine was saturated), left out of the percentiles."]
     lines += ["", *goal_lines(run)]
     if run.failures:
         lines += ["", "Problems:", "", *[f"- {f}" for f in run.failures]]
