@@ -251,6 +251,13 @@ class Scored:
         #: With ``explain``: the endpoint of the last pick and the scores of that pick.
         self.explained: tuple[Endpoint | None, str] = (None, "")
 
+    def may_take(self, endpoint: Endpoint) -> bool:
+        """Whether ``endpoint``'s reading lets it be picked, or leaves the choice to the
+        stale rule: a fresh reading below the thresholds, or a stale one."""
+        load = endpoint.load
+        return (not load.fresh(self.clock(), self.thresholds.max_age)
+                or not saturated(load, self.thresholds))
+
     def pick(self, key: str | None, exclude: set[Endpoint]) -> Endpoint | None:
         members = self.members
         n = len(members)

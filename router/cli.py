@@ -327,9 +327,15 @@ def serve_command(settings: Settings) -> int:
         if settings.workers == 1:
             # One process that owns the listening socket: SIGTERM closes it at once, so
             # new connections are refused while streams in flight finish.
+            app.before_server_start(_hold_stop_signals, priority=-1_000_000)  # the last
             app.after_server_start(partial(_stop_signals_handled, serving))
-            _hold_stop_signals()
-            Sanic.serve_single(primary=app)
+            for sig in STOP_SIGNALS:  # while starting: stop at once (a Ctrl-C, a SIGTERM)
+                signal.signal(sig, signal.default_int_handler)
+            logging.getLogger("sanic.error").addFilter(_not_a_stop)
+            try:
+                Sanic.serve_single(primary=app)
+            except KeyboardInterrupt:
+                log.info("stopped while starting")
         else:
             log.info("%s", serving)
             _shared_state_outlives_stop_signals()
@@ -344,14 +350,22 @@ def serve_command(settings: Settings) -> int:
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
-def _hold_stop_signals() -> None:
+async def _hold_stop_signals(_app: Any) -> None:
     """Sanic's single process serves before it handles SIGINT and SIGTERM (its handlers
     come once the socket is served): a Ctrl-C in between was a KeyboardInterrupt
-    traceback, or was lost. Until Sanic's handlers are in, a stop signal is noted, and
-    ``_stop_signals_handled`` stops the server as Sanic's handler would."""
+    traceback, or was lost. Until then a stop signal interrupts the start (the listeners
+    before this one: the config, DNS, the batch database); from here, the last of them,
+    until Sanic's handlers are in, it is noted, and ``_stop_signals_handled`` stops the
+    server as Sanic's handler would."""
     _EARLY_STOP.clear()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _frame: _EARLY_STOP.append(signum))
+
+
+def _not_a_stop(record: logging.LogRecord) -> bool:
+    """Sanic logs a stop signal while starting (a KeyboardInterrupt) as an error with a
+    traceback: it is a stop, logged as one by ``serve_command``."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
 #: The stop signals that came before Sanic handled them (``_hold_stop_signals``).

@@ -271,6 +271,15 @@ class Cluster:
                 if cluster is not self:
                     cluster.wake_one(endpoint)
 
+    def load_changed(self, endpoint: Endpoint) -> None:
+        """A scrape of ``endpoint`` ended: the queue of a scored model looks again when
+        the reading may let a waiter through (the engine has room, or its reading went
+        stale, which may leave every reading stale: least_request then). A reading that
+        still shows it saturated wakes nobody: completions do."""
+        scored = self.scored
+        if scored is not None and self.waiters and scored.may_take(endpoint):
+            self.wake_all()
+
     def wake_all(self) -> None:
         """Wake every waiter to look again (the member set or a member's health changed):
         those that find no slot wait again, in the order they woke."""
@@ -383,8 +392,12 @@ class AdapterCluster(Cluster):
     its name as the name sent, over the base's members whose engine lists it now."""
 
     def __init__(self, base: Cluster, name: str, members: Iterable[Member]) -> None:
-        config = base.config.model_copy(update={"name": name, "backend_model": None,
-                                                "discover": False})
+        update: dict[str, object] = {"name": name, "backend_model": None, "discover": False}
+        if base.config.policy == "cache_aware":  # no prefix index of its own: load only
+            scoring = base.config.scoring
+            update["scoring"] = scoring.model_copy(update={
+                "weights": scoring.weights.model_copy(update={"prefix": 0.0})})
+        config = base.config.model_copy(update=update)
         super().__init__(config, members, base.outlier)
         self.adapter_of = base.name
 

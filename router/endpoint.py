@@ -30,6 +30,8 @@ class ClusterView(Protocol):
 
     def served_changed(self, endpoint: Endpoint) -> None: ...
 
+    def load_changed(self, endpoint: Endpoint) -> None: ...
+
     def wake_one(self, freed: Endpoint | None = None) -> None: ...
 
     def wake_all(self) -> None: ...
@@ -102,10 +104,9 @@ class Endpoint:
             cluster.served_changed(self)
 
     def load_changed(self) -> None:
-        """A scrape ended (read or failed): the queues of the models routed here look
-        again, as the reading may show room now, or every reading may have gone stale."""
+        """A scrape ended (read or failed): the models routed here look again."""
         for cluster in list(self.clusters):
-            cluster.wake_all()
+            cluster.load_changed(self)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -313,6 +313,9 @@ class Listener(HttpProtocol):
         Sanic upgrades nothing here and parses what follows as the next request, so a
         fresh parser checks it."""
         while True:
+            if self.parser.get_method() == b"CONNECT":  # a tunnel: not a request we serve
+                self.refuse("CONNECT is not served")
+                return False
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             data = data[offset:]
             self.parser = HttpRequestParser(_NO_CALLBACKS)

@@ -85,7 +85,7 @@ async def scrape(endpoint: Scraped, settings: ScrapeSettings,
         if response.status != 200:
             raise ValueError(f"status {response.status}")
         reading = parse_engine_metrics(body)
-    except (UpstreamError, ValueError) as exc:
+    except (UpstreamError, ValueError, ArithmeticError) as exc:  # +Inf in a count, too
         if load.error is None:
             log.info("backend %s: cannot read %s: %s", endpoint.key, settings.path, exc)
         load.failed(f"{settings.path}: {exc}")

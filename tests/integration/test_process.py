@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,3 +207,35 @@ def test_demo_removes_its_routes_file_on_ctrl_c(tmp_path: Path) -> None:
             demo.wait(5)
     assert not routes.exists()
     assert "Traceback" not in log.read_text()
+
+
+def test_a_stop_while_starting_stops_at_once(tmp_path: Path) -> None:
+    """SIGTERM while the start waits on a batch database that never answers (a socket
+    that accepts and stays silent): the process stops at once, without a traceback (it
+    used to wait for the database driver's own timeout)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        routes = tmp_path / "routes.yaml"
+        routes.write_text(
+            "models:\n  m:\n    backends: [{url: 'http://127.0.0.1:9'}]\n"
+            "    endpoints: [chat]\n"
+            f"batch:\n  database_url: postgresql+asyncpg://u@127.0.0.1:"
+            f"{silent.getsockname()[1]}/x\n  storage: {{url: ./files}}\n")
+        log = tmp_path / "serve.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([*cli("serve", "--config", str(routes), "--port", "0")],
+                                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until(lambda: "Starting worker" in log.read_text(), 30, "the start began")
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert proc.wait(10) == 0
+            assert time.monotonic() - started < 5
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    text = log.read_text()
+    assert "Traceback" not in text and "stopped while starting" in text, text[-2000:]

@@ -12,7 +12,7 @@ import pytest
 
 from router import config, snapshot
 from router.balancer import PreferredOnRing, Scored, make_balancer
-from router.cluster import Cluster
+from router.cluster import AdapterCluster, Cluster
 from router.config import OutlierDetection
 from router.discovery import Resolver
 from router.endpoint import Endpoint, Member
@@ -420,3 +420,40 @@ async def test_the_index_outlives_a_reload_and_forgets_backends_that_left() -> N
                                               .encode()), reg, Resolver())
     assert plain.models["m"].cluster.prefix_index is None
     assert reg.prefix_indexes.sizes() == []  # no cache_aware model: no index kept
+
+
+async def test_a_scrape_still_showing_saturation_wakes_no_waiter() -> None:
+    """Each scrape ends in ``load_changed``: with every engine saturated and requests
+    queued, a reading that still shows the engine full leaves the queue alone (waking it
+    five times a second per backend only to requeue everyone); one with room wakes it."""
+    clock = Clock()
+    a, b = endpoints(registry(), 2)
+    config = model_config(policy="load_aware", queue={"size": 4, "timeout": "30s"})
+    cluster = Cluster(config, named([a, b]), OutlierDetection())
+    cluster.balancer = cluster.scored = make_balancer(  # type: ignore[assignment]
+        config, cluster.routable, clock)
+    read(a, clock, waiting=20)
+    read(b, clock, waiting=20)
+    waiting = asyncio.ensure_future(cluster.acquire(None, set()))
+    await asyncio.sleep(0)
+    [(future, _)] = cluster.waiters
+    read(b, clock, waiting=20)
+    b.load_changed()
+    assert not future.done()  # set_result is synchronous: nothing woke it
+    read(b, clock, waiting=0)
+    b.load_changed()
+    assert future.done()
+    assert await asyncio.wait_for(waiting, 5) is b
+
+
+def test_an_adapter_of_a_cache_aware_model_is_routed_by_load_alone() -> None:
+    """An adapter's cluster has no prefix index: its prefix weight is 0, not the
+    consistent-hash fallback at the model's weight (which would pile a shared prompt
+    onto one backend, with no bounded load)."""
+    a, b = endpoints(registry(), 2)
+    base = Cluster(model_config(policy="cache_aware"), named([a, b]), OutlierDetection(),
+                   PrefixIndex(100))
+    adapter = AdapterCluster(base, "sql", named([a, b]))
+    assert adapter.scored is not None and adapter.scored.key_scorer is None
+    assert adapter.config.scoring.weights.prefix == 0
+    assert base.config.scoring.weights.prefix == 6  # the base model keeps its own
