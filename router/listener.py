@@ -141,6 +141,15 @@ REFUSAL = _refusal()
 _NO_CALLBACKS = object()  # llhttp validates only: no Python callback per header
 
 
+def _parser() -> HttpRequestParser:
+    """llhttp, strict, except for bytes after a ``Connection: close`` request: those are
+    never read (Sanic answers that request and closes), so they must not cost it its
+    answer, as they would when TCP delivers both in one read."""
+    parser = HttpRequestParser(_NO_CALLBACKS)
+    parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    return parser
+
+
 # -- one request's head and body ------------------------------------------------------------
 class StrictHttp(Http):
     """Sanic's ``Http`` with the head's size answered 431, the refusals of ``Listener``
@@ -271,7 +280,7 @@ class Listener(HttpProtocol):
         self.limits: Limits = getattr(ctx, "listener_limits", None) or Limits()
         self.gate: Gate | None = getattr(ctx, "listener_gate", None)
         self.buffer_size: int = self.app.config.REQUEST_BUFFER_SIZE
-        self.parser = HttpRequestParser(_NO_CALLBACKS)
+        self.parser = _parser()
         #: Why llhttp refused a byte of this connection; nothing after it is read.
         self.refused: str | None = None
         #: Close with a linger: the client may still be sending a body nobody reads.
@@ -318,7 +327,7 @@ class Listener(HttpProtocol):
                 return False
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             data = data[offset:]
-            self.parser = HttpRequestParser(_NO_CALLBACKS)
+            self.parser = _parser()
             try:
                 if data:
                     self.parser.feed_data(data)

@@ -328,6 +328,16 @@ def test_an_answer_before_the_body_says_whether_the_connection_stays(guarded: Ro
     assert b"connection: close" in answer
 
 
+def test_bytes_after_a_connection_close_request_do_not_cost_it_its_answer(
+        guarded: Router) -> None:
+    """A request that says ``Connection: close`` and whatever follows it in the same
+    read (here a second request, or garbage): the first is answered, nothing after it is
+    read, and the connection closes (llhttp refused the whole read before)."""
+    first = request(b"Connection: close\r\n")
+    for after in (request(), b"\x00garbage\r\n\r\n"):
+        assert answers(exchange(guarded, first + after)) == [200]
+
+
 # -- 3. before authentication -------------------------------------------------------------------
 
 def rss_kib(pid: int) -> int:
