@@ -12,15 +12,12 @@ the models or start an engine, fails the tier.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import openai
@@ -30,21 +27,9 @@ from router.compat import run
 from router.compat.requests import groups_of
 from router.stored_responses import response_id_in
 from tests.harness import ROOT, Router, start_router
+from tests.real_vllm.serve_script import serve
 
 pytestmark = pytest.mark.real_vllm
-
-
-def _load_serve() -> ModuleType:
-    path = ROOT / "scripts" / "real_vllm" / "serve.py"
-    spec = importlib.util.spec_from_file_location("routeyard_real_vllm_serve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-serve = _load_serve()
 
 
 @dataclass(frozen=True, slots=True)

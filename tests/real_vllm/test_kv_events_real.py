@@ -12,15 +12,12 @@ Outside CI a missing vLLM venv skips; in CI (``CI=true``) it fails the tier.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
@@ -29,7 +26,8 @@ from router.engine_tokens import engine_token_ids
 from router.kv_events import EngineBlocks, KVEventSubscriber
 from router.prefix_index import PrefixIndex, token_blocks
 from router.upstream import Origin, Pool, Transport
-from tests.harness import ROOT, eventually
+from tests.harness import eventually
+from tests.real_vllm.serve_script import serve
 
 pytestmark = pytest.mark.real_vllm
 
@@ -39,19 +37,6 @@ BLOCK = 128
 #: A small KV cache, so a few prompts evict the first: 6 MiB is 48 blocks of this model.
 KV_CACHE_BYTES = 6 * 1024 * 1024
 KV_CACHE_BLOCKS = 48
-
-
-def _load_serve() -> ModuleType:
-    path = ROOT / "scripts" / "real_vllm" / "serve.py"
-    spec = importlib.util.spec_from_file_location("routeyard_real_vllm_serve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-serve = _load_serve()
 
 
 @dataclass(frozen=True, slots=True)

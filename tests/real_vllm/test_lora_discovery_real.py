@@ -12,19 +12,17 @@ Outside CI a missing vLLM venv skips; in CI (``CI=true``) it fails the tier.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
 
 from tests.harness import ROOT, FakeEngine, Router, running, start_router, wait_until
+from tests.real_vllm.serve_script import serve
 
 pytestmark = pytest.mark.real_vllm
 
@@ -33,19 +31,6 @@ CHAT = "/v1/chat/completions"
 INTERVAL = 1.0
 #: An interval, and slack for a loaded two-core machine.
 WITHIN = 10.0
-
-
-def _load_serve() -> ModuleType:
-    path = ROOT / "scripts" / "real_vllm" / "serve.py"
-    spec = importlib.util.spec_from_file_location("routeyard_real_vllm_serve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-serve = _load_serve()
 
 
 def make_adapter(out: Path, base: Path, seed: int) -> Path:

@@ -22,23 +22,21 @@ Outside CI a missing vLLM venv skips; in CI (``CI=true``) it fails the tier.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import random
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import ROOT, Router, eventually, scrape, start_router
+from tests.harness import Router, eventually, scrape, start_router
+from tests.real_vllm.serve_script import serve
 
 pytestmark = pytest.mark.real_vllm
 
@@ -49,19 +47,6 @@ BLOCK = 128
 KV_CACHE_BYTES = 6 * 1024 * 1024
 #: The router's ``engine_metrics.max_age`` (its default): older readings are stale.
 MAX_AGE_S = 0.5
-
-
-def _load_serve() -> ModuleType:
-    path = ROOT / "scripts" / "real_vllm" / "serve.py"
-    spec = importlib.util.spec_from_file_location("routeyard_real_vllm_serve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-serve = _load_serve()
 
 
 @dataclass(frozen=True, slots=True)
