@@ -338,7 +338,6 @@ def serve_command(settings: Settings) -> int:
                 log.info("stopped while starting")
         else:
             log.info("%s", serving)
-            _shared_state_outlives_stop_signals()
             Sanic.serve(primary=app, app_loader=loader)
     finally:
         sock.close()
@@ -377,30 +376,6 @@ async def _stop_signals_handled(serving: str, app: Any) -> None:
     log.info("%s", serving)
     if _EARLY_STOP:
         app.loop.call_soon(partial(app.stop, terminate=False))
-
-
-def _shared_state_outlives_stop_signals() -> None:
-    """With several workers Sanic keeps their states in a ``multiprocessing`` manager
-    process of the same process group: a Ctrl-C (or a SIGTERM to the group) stopped it
-    before the main process had stopped the workers, which then failed with a
-    BrokenPipeError traceback and exit status 1. Here the manager ignores both signals;
-    Sanic shuts it down itself once the workers are gone."""
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    import sanic.mixins.startup as startup
-
-    def manager() -> SyncManager:
-        shared = SyncManager(ctx=multiprocessing.get_context())
-        shared.start(initializer=_ignore_stop_signals)
-        return shared
-
-    startup.Manager = manager  # type: ignore[attr-defined]
-
-
-def _ignore_stop_signals() -> None:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def _location(host: str, port: int) -> str:
