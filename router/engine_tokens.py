@@ -12,29 +12,18 @@ error for the client.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from router.errors import UpstreamError
-from router.upstream import Origin, Timeouts, Transport
+from router.upstream import Reachable, Timeouts
 
 #: Fields of a chat request that change how the chat template renders its messages.
 CHAT_FIELDS = ("messages", "tools", "chat_template", "chat_template_kwargs",
                "add_generation_prompt", "continue_final_message", "documents")
 #: Fields of a completion request that change its tokens.
 COMPLETION_FIELDS = ("prompt", "add_special_tokens")
-
-
-class Tokenizing(Protocol):
-    """An endpoint as the token fetch sees it (``endpoint.Endpoint`` is one)."""
-
-    @property
-    def origin(self) -> Origin: ...
-    @property
-    def transport(self) -> Transport: ...
-    @property
-    def api_key_header(self) -> str | None: ...
 
 
 def prompt_token_ids(body: dict[str, Any]) -> list[int] | None:
@@ -60,7 +49,7 @@ def tokenize_body(model: str, body: dict[str, Any]) -> bytes | None:
     return orjson.dumps(request)
 
 
-async def engine_token_ids(endpoint: Tokenizing, model: str, body: dict[str, Any],
+async def engine_token_ids(endpoint: Reachable, model: str, body: dict[str, Any],
                            timeout: float) -> list[int] | None:
     """The token ids the engine behind ``endpoint`` makes of ``body``'s prompt, asked as
     ``model`` (its served name); None when the body has no prompt to tokenize or the

@@ -39,11 +39,11 @@ import orjson
 
 from router.errors import UpstreamError
 from router.isotime import iso
-from router.upstream import Timeouts
+from router.upstream import Reachable, Timeouts
 
 if TYPE_CHECKING:
     from router.config import HealthChecks, OutlierDetection
-    from router.upstream import Origin, Transport
+    from router.upstream import Origin
 
 log = logging.getLogger("routeyard.health")
 
@@ -319,17 +319,11 @@ class EngineModels:
         return f"model {name} not served (engine serves: {shown}{more})"
 
 
-class Checked(Protocol):
+class Checked(Reachable, Protocol):
     """An endpoint as the checker sees it."""
 
     @property
     def health(self) -> Health: ...
-    @property
-    def origin(self) -> Origin: ...
-    @property
-    def transport(self) -> Transport: ...
-    @property
-    def api_key_header(self) -> str | None: ...
     @property
     def engine(self) -> EngineModels: ...
 

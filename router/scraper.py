@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from router.engine_load import EngineLoad, ScrapeSettings, parse_engine_metrics
 from router.errors import UpstreamError
-from router.upstream import Timeouts
+from router.upstream import Reachable, Timeouts
 
 if TYPE_CHECKING:
-    from router.upstream import Origin, Transport
+    pass
 
 log = logging.getLogger("routeyard.scraper")
 
@@ -41,17 +41,11 @@ log = logging.getLogger("routeyard.scraper")
 IDLE = 1.0
 
 
-class Scraped(Protocol):
+class Scraped(Reachable, Protocol):
     """An endpoint as the scraper sees it (``router.endpoint.Endpoint``)."""
 
     @property
     def key(self) -> str: ...
-    @property
-    def origin(self) -> Origin: ...
-    @property
-    def transport(self) -> Transport: ...
-    @property
-    def api_key_header(self) -> str | None: ...
     @property
     def load(self) -> EngineLoad: ...
     @property

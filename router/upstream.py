@@ -119,6 +119,18 @@ class Origin:
         return cls(scheme, address or host, port, path, netloc.encode("idna"), host)
 
 
+class Reachable(Protocol):
+    """A backend as a request to it needs it: where it listens, its transport, and the
+    engine key header it must carry (``router.endpoint.Endpoint`` is one)."""
+
+    @property
+    def origin(self) -> Origin: ...
+    @property
+    def transport(self) -> Transport: ...
+    @property
+    def api_key_header(self) -> str | None: ...
+
+
 class Response:
     """One upstream response: status and headers now, the body as it arrives."""
 
